@@ -1,0 +1,51 @@
+# kubetune — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast lint format crds test-deps clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "kubetune needs Python 3.11 or newer"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[api,operator,dev]'
+	@touch $@
+
+venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need
+
+test-deps: $(STAMP) ## Install etcd, build/cache kube-apiserver, fetch kubectl and helm
+	PYTHON=$(PY) bash hack/install-test-deps.sh
+
+test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Run the tests that need no cluster
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, mypy and the import-linter contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(SRC) tests
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+crds: $(STAMP) ## Regenerate the CRD YAML from the pydantic models
+	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/finetunejobs.kubetune.io.yaml
+
+clean: ## Remove the virtualenv and caches kept in the repository
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,528 @@
+"""The FineTuneJob custom resource (``kubetune.io/v1alpha1``): the one source of truth.
+
+The CRD schema in ``crds/`` is generated from these models (``make crds``), the API writes them,
+the operator reads them and resolves the trainer configuration from them. Field names are
+camelCase on the wire (Kubernetes convention) and snake_case in Python.
+
+Hyperparameters accept the string ``"auto"`` on input and store it as an absent value: the CRD
+keeps every hyperparameter strictly typed (so the apiserver validates bounds), and "absent"
+means "resolve automatically", as OpenAI documents for ``"auto"``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from kubetune.ids import ID_PATTERNS, IdKind, short_id
+
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAMES: Final = ("ftj",)
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+LABEL_ORG: Final = f"{GROUP}/org"
+LABEL_JOB: Final = f"{GROUP}/job"
+LABEL_BASE_MODEL: Final = f"{GROUP}/base-model"
+
+# Org names appear in object-store keys and label values: a DNS-1123 label keeps both safe.
+ORG_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_LABEL_PATTERN: Final = ORG_PATTERN
+SUFFIX_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
+VLLM_LORA_RANKS: Final = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MAX_CHECKPOINTS_IN_STATUS: Final = 10
+MAX_CONDITIONS: Final = 16
+
+
+def _auto_to_none(value: object) -> object:
+    """Map OpenAI's ``"auto"`` to an absent value (see the module docstring)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return value
+
+
+Auto = BeforeValidator(_auto_to_none)
+
+
+class CRModel(BaseModel):
+    """Base of every part of the custom resource: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """Serialize as the apiserver stores it: camelCase, JSON types, no null fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumerations
+# ---------------------------------------------------------------------------------------------
+
+
+class MethodType(StrEnum):
+    """Fine-tuning method, named as in OpenAI's ``method.type``."""
+
+    SUPERVISED = "supervised"
+    DPO = "dpo"
+
+
+class AdapterType(StrEnum):
+    """What is trained: a LoRA adapter, a LoRA adapter on a 4-bit base (QLoRA), or all weights."""
+
+    LORA = "lora"
+    QLORA = "qlora"
+    FULL = "full"
+
+
+class Strategy(StrEnum):
+    """How training is distributed across GPUs and nodes."""
+
+    DDP = "ddp"
+    FSDP = "fsdp"
+    DEEPSPEED_ZERO2 = "deepspeed-zero2"
+    DEEPSPEED_ZERO3 = "deepspeed-zero3"
+
+
+class JobPhase(StrEnum):
+    """Lifecycle phase of a fine-tuning job; the values are OpenAI's job statuses plus ours."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class IntegrationType(StrEnum):
+    """Experiment trackers a job can report to."""
+
+    WANDB = "wandb"
+    MLFLOW = "mlflow"
+
+
+class ConditionStatus(StrEnum):
+    """Status of a condition, as in ``metav1.Condition``."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ErrorKind(StrEnum):
+    """Whose fault a failure is: the user's (not retried) or the infrastructure's."""
+
+    USER = "user"
+    INFRASTRUCTURE = "infrastructure"
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------------
+
+FileId = Annotated[str, StringConstraints(pattern=ID_PATTERNS[IdKind.FILE])]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class Hyperparameters(CRModel):
+    """Training hyperparameters. Omit a field (or send ``"auto"``) to have it resolved."""
+
+    n_epochs: Annotated[int | None, Auto] = Field(
+        default=None,
+        ge=1,
+        le=50,
+        description='Full passes over the training file. Omitted or "auto": chosen from the '
+        "number of examples, as OpenAI documents.",
+    )
+    batch_size: Annotated[int | None, Auto] = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Examples per optimizer step across all GPUs (the global batch). Omitted or "
+        '"auto": chosen from the dataset size.',
+    )
+    learning_rate_multiplier: Annotated[float | None, Auto] = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description='Multiplier on the base model\'s default learning rate. Omitted or "auto": '
+        "1.0 for LoRA, smaller for full fine-tuning.",
+    )
+    beta: Annotated[float | None, Auto] = Field(
+        default=None,
+        gt=0,
+        le=2,
+        description="DPO only: how strongly the policy is kept close to the reference model. "
+        'Omitted or "auto": 0.1.',
+    )
+    n_evals: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="How many times validation loss and token accuracy are computed over the "
+        "run when a validation file is given. Omitted: once per epoch.",
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Fraction of steps over which the learning rate warms up. Omitted: 0.03.",
+    )
+    max_seq_length: int | None = Field(
+        default=None,
+        ge=16,
+        le=1_048_576,
+        description="Longest example in tokens; longer ones are truncated with a warning "
+        "event. Omitted: the base model's context length.",
+    )
+
+
+class Method(CRModel):
+    """The fine-tuning method and its hyperparameters."""
+
+    type: MethodType = Field(
+        default=MethodType.SUPERVISED,
+        description="supervised: learn to produce the assistant turns of chat examples. "
+        "dpo: direct preference optimization on preferred/non-preferred pairs.",
+    )
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters,
+        description="Training hyperparameters; each may be omitted to be resolved automatically.",
+    )
+
+    @model_validator(mode="after")
+    def _beta_only_for_dpo(self) -> Self:
+        if self.type is not MethodType.DPO and self.hyperparameters.beta is not None:
+            raise ValueError("hyperparameters.beta applies only to method type dpo")
+        return self
+
+
+class Adapter(CRModel):
+    """What is trained. LoRA ranks are limited to those vLLM can serve."""
+
+    type: AdapterType = Field(
+        default=AdapterType.LORA,
+        description="lora: a low-rank adapter; qlora: a LoRA adapter on a 4-bit quantized base "
+        "(CUDA only); full: every weight of the model.",
+    )
+    r: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="LoRA rank; one of the ranks vLLM accepts."
+    )
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling numerator (alpha/r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description='Module names that get LoRA weights; "all-linear" means every linear '
+        "layer but the output head.",
+    )
+
+
+class WandbIntegration(CRModel):
+    """Weights & Biases run settings (credentials come from the trainer's environment)."""
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project.")
+    name: str | None = Field(default=None, max_length=128, description="Run display name.")
+    entity: str | None = Field(default=None, max_length=128, description="Team or user.")
+    tags: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=32, description="Tags attached to the run."
+    )
+
+
+class MlflowIntegration(CRModel):
+    """MLflow run settings (the tracking URI may also come from the trainer's environment)."""
+
+    experiment: str = Field(min_length=1, max_length=256, description="Experiment name.")
+    tracking_uri: str | None = Field(
+        default=None, max_length=1024, description="Tracking server URI."
+    )
+    run_name: str | None = Field(default=None, max_length=256, description="Run name.")
+
+
+class Integration(CRModel):
+    """One experiment tracker to report metrics to."""
+
+    type: IntegrationType = Field(description="Which tracker.")
+    wandb: WandbIntegration | None = Field(default=None, description="Settings for type wandb.")
+    mlflow: MlflowIntegration | None = Field(default=None, description="Settings for type mlflow.")
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> Self:
+        if getattr(self, self.type.value) is None:
+            raise ValueError(
+                f"integration of type {self.type.value} needs a {self.type.value} block"
+            )
+        return self
+
+
+class Resources(CRModel):
+    """Compute the job runs on."""
+
+    nodes: int = Field(default=1, ge=1, le=64, description="Pods (one per node) in the job.")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU (for tests)."
+    )
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=128,
+        description="GPU product to schedule on (matched against the node label configured in "
+        "the operator's settings), e.g. NVIDIA-H100-80GB-HBM3.",
+    )
+
+
+class Checkpointing(CRModel):
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = Field(
+        default=50, ge=1, le=1_000_000, description="Write a checkpoint every N optimizer steps."
+    )
+    keep: int = Field(default=3, ge=1, le=100, description="Newest checkpoints kept in storage.")
+
+
+class Serving(CRModel):
+    """What happens to the trained adapter."""
+
+    # "register" is also an attribute of pydantic's ABC-based metaclass: keep it the wire name only.
+    register_adapter: bool = Field(
+        default=True,
+        alias="register",
+        description="Load the adapter on the vLLM deployment of the base model when the job "
+        "succeeds.",
+    )
+
+
+class FineTuneJobSpec(CRModel):
+    """What the user asked for."""
+
+    org: str = Field(
+        default="default",
+        pattern=ORG_PATTERN,
+        description="Organization (tenant) that owns the job, its files and its model.",
+    )
+    model: str = Field(
+        min_length=1,
+        max_length=256,
+        description="Base model name from the catalogue, or an ft: model to continue from.",
+    )
+    training_file: FileId = Field(description="Id of an uploaded JSONL file (file-…).")
+    validation_file: FileId | None = Field(
+        default=None, description="Id of an uploaded JSONL file used for evaluation."
+    )
+    method: Method = Field(default_factory=Method, description="Method and hyperparameters.")
+    adapter: Adapter = Field(default_factory=Adapter, description="What is trained.")
+    suffix: str | None = Field(
+        default=None,
+        pattern=SUFFIX_PATTERN,
+        description="Up to 64 characters added to the fine-tuned model's name.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2_147_483_647,
+        description="Random seed; the same seed and data give the same result.",
+    )
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Up to 16 key-value pairs (keys ≤ 64, values ≤ 512 characters).",
+    )
+    integrations: list[Integration] = Field(
+        default_factory=list, max_length=8, description="Experiment trackers to report to."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Nodes and GPUs.")
+    strategy: Strategy = Field(
+        default=Strategy.DDP, description="How training is distributed across GPUs."
+    )
+    checkpointing: Checkpointing = Field(
+        default_factory=Checkpointing, description="Checkpoint interval and retention."
+    )
+    queue: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        description="Kueue LocalQueue to admit the job through.",
+    )
+    serving: Serving = Field(default_factory=Serving, description="Serving of the result.")
+    suspend: bool = Field(
+        default=False,
+        description="true pauses the job after a checkpoint; false resumes it from there.",
+    )
+    cancel: bool = Field(default=False, description="true cancels the job; it cannot be undone.")
+
+    @model_validator(mode="after")
+    def _qlora_needs_gpus(self) -> Self:
+        if self.adapter.type is AdapterType.QLORA and self.resources.gpus_per_node == 0:
+            raise ValueError(
+                "adapter type qlora needs gpusPerNode ≥ 1 (4-bit kernels are CUDA-only)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------
+
+
+class Condition(CRModel):
+    """A condition in the shape of ``metav1.Condition``."""
+
+    type: str = Field(min_length=1, max_length=64, description="Condition type, e.g. Running.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str | None = Field(default=None, max_length=128, description="CamelCase reason.")
+    message: str | None = Field(default=None, max_length=2048, description="Human explanation.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When status last changed."
+    )
+
+
+class Metrics(CRModel):
+    """The latest values of the training metrics."""
+
+    train_loss: float | None = Field(default=None, description="Training loss.")
+    train_mean_token_accuracy: float | None = Field(
+        default=None, description="Share of assistant tokens predicted correctly in training."
+    )
+    valid_loss: float | None = Field(default=None, description="Validation loss.")
+    valid_mean_token_accuracy: float | None = Field(
+        default=None, description="Share of assistant tokens predicted correctly in validation."
+    )
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    grad_norm: float | None = Field(default=None, description="Gradient norm before clipping.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Trained (non-padding) tokens per second, all ranks."
+    )
+
+
+class CheckpointRef(CRModel):
+    """A committed checkpoint (its manifest exists in the object store)."""
+
+    id: str = Field(pattern=ID_PATTERNS[IdKind.CHECKPOINT], description="ftckpt-… id.")
+    step: int = Field(ge=0, description="Optimizer step the checkpoint was taken at.")
+    created_at: datetime = Field(description="When the checkpoint was committed.")
+    metrics: Metrics | None = Field(default=None, description="Metrics at that step.")
+
+
+class JobError(CRModel):
+    """Why a job failed, shaped like OpenAI's job error plus who is at fault."""
+
+    code: str = Field(min_length=1, max_length=128, description="Machine-readable error code.")
+    message: str = Field(min_length=1, max_length=4096, description="What went wrong.")
+    param: str | None = Field(
+        default=None, max_length=256, description="The input field at fault, if any."
+    )
+    kind: ErrorKind = Field(
+        description="user: fix the input and start a new job; infrastructure: retried or "
+        "reported to the operators of the cluster."
+    )
+
+
+class FineTuneJobStatus(CRModel):
+    """What the operator observed. Small on purpose: the full event log is in the object store."""
+
+    phase: JobPhase | None = Field(default=None, description="Lifecycle phase.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=MAX_CONDITIONS, description="Latest conditions."
+    )
+    progress: str | None = Field(
+        default=None, max_length=32, description="step/totalSteps, for kubectl get."
+    )
+    step: int = Field(default=0, ge=0, description="Last completed optimizer step.")
+    total_steps: int | None = Field(default=None, ge=0, description="Planned optimizer steps.")
+    epoch: float | None = Field(default=None, ge=0, description="Fractional epoch reached.")
+    trained_tokens: int = Field(default=0, ge=0, description="Tokens trained on so far.")
+    metrics: Metrics | None = Field(default=None, description="Latest metrics.")
+    hyperparameters: Hyperparameters | None = Field(
+        default=None, description='The hyperparameters after "auto" was resolved.'
+    )
+    checkpoints: list[CheckpointRef] = Field(
+        default_factory=list,
+        max_length=MAX_CHECKPOINTS_IN_STATUS,
+        description="Newest committed checkpoints (bounded; all are in the object store).",
+    )
+    fine_tuned_model: str | None = Field(
+        default=None, max_length=512, description="Name of the resulting model (ft:…)."
+    )
+    served_on: list[Annotated[str, StringConstraints(max_length=253)]] = Field(
+        default_factory=list, max_length=64, description="vLLM replicas the adapter is loaded on."
+    )
+    error: JobError | None = Field(default=None, description="Why the job failed.")
+    restarts: int = Field(default=0, ge=0, description="Times the trainer was restarted.")
+    estimated_finish: datetime | None = Field(
+        default=None, description="Estimated completion time while running."
+    )
+    started_at: datetime | None = Field(default=None, description="When training started.")
+    finished_at: datetime | None = Field(
+        default=None, description="When the job reached a terminal phase."
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The subset of ``metav1.ObjectMeta`` kubetune reads and writes."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: datetime | None = None
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob object, as stored by the apiserver."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """Serialize for the apiserver (camelCase, no null fields)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> FineTuneJob:
+        """Parse an object returned by the apiserver."""
+        return cls.model_validate(manifest)
+
+
+def fine_tuned_model_name(base_model: str, org: str, suffix: str | None, job_id: str) -> str:
+    """Name a fine-tuned model the way OpenAI does: ``ft:<base>:<org>:<suffix>:<short-id>``.
+
+    A job that continues from an ``ft:`` model names its result after the original base model.
+    """
+    base = base_model.split(":")[1] if base_model.startswith("ft:") else base_model
+    return f"ft:{base}:{org}:{suffix or ''}:{short_id(job_id)}"

@@ -1,0 +1,90 @@
+"""Identifiers for files, jobs, checkpoints and events.
+
+Ids look like OpenAI's (``file-…``, ``ftjob-…``, ``ftckpt-…``, ``ftevent-…``) but are lowercase
+base36, because job ids become Kubernetes object names, which must be DNS-1123 labels.
+
+The body is a fixed-width base36 millisecond timestamp followed by random base36 characters, so
+ids of one kind sort by creation time as plain strings. That makes ``after=<id>`` cursor
+pagination a simple string comparison in every backend.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from enum import StrEnum
+from typing import Final
+
+_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+# 36**9 ms is about 3,200 years past the epoch: nine characters always suffice.
+_TIME_WIDTH: Final = 9
+_RANDOM_WIDTH: Final = 14  # 36**14 ≈ 2**72 values: collisions are not a practical concern.
+BODY_LENGTH: Final = _TIME_WIDTH + _RANDOM_WIDTH
+
+
+class IdKind(StrEnum):
+    """The prefixes of kubetune's object ids."""
+
+    FILE = "file"
+    JOB = "ftjob"
+    CHECKPOINT = "ftckpt"
+    EVENT = "ftevent"
+    UPLOAD = "upload"
+
+
+ID_PATTERNS: Final[dict[IdKind, str]] = {
+    kind: rf"^{kind.value}-[0-9a-z]{{{BODY_LENGTH}}}$" for kind in IdKind
+}
+_COMPILED: Final = {kind: re.compile(pattern) for kind, pattern in ID_PATTERNS.items()}
+
+
+def _base36(value: int, width: int) -> str:
+    digits = []
+    while value:
+        value, rem = divmod(value, 36)
+        digits.append(_ALPHABET[rem])
+    return "".join(reversed(digits)).rjust(width, "0")[-width:]
+
+
+def new_id(kind: IdKind, *, now_ms: int | None = None) -> str:
+    """Return a new, time-ordered id of the given kind, e.g. ``ftjob-0mhx5k2ab3c…``."""
+    millis = int(time.time() * 1000) if now_ms is None else now_ms
+    body = _base36(millis, _TIME_WIDTH) + "".join(
+        secrets.choice(_ALPHABET) for _ in range(_RANDOM_WIDTH)
+    )
+    return f"{kind.value}-{body}"
+
+
+def new_file_id() -> str:
+    """Return a new ``file-…`` id."""
+    return new_id(IdKind.FILE)
+
+
+def new_job_id() -> str:
+    """Return a new ``ftjob-…`` id; it is a valid Kubernetes object name."""
+    return new_id(IdKind.JOB)
+
+
+def new_checkpoint_id() -> str:
+    """Return a new ``ftckpt-…`` id."""
+    return new_id(IdKind.CHECKPOINT)
+
+
+def new_event_id() -> str:
+    """Return a new ``ftevent-…`` id."""
+    return new_id(IdKind.EVENT)
+
+
+def is_valid_id(value: str, kind: IdKind) -> bool:
+    """Tell whether ``value`` is a well-formed id of ``kind``."""
+    return bool(_COMPILED[kind].match(value))
+
+
+def short_id(value: str) -> str:
+    """Return the part of an id used in fine-tuned model names (``ft:…:<short-id>``).
+
+    The random tail, not the timestamp, so two jobs started in the same second still differ.
+    """
+    _, _, body = value.partition("-")
+    return body[-8:]

@@ -1,0 +1,93 @@
+"""All of kubetune's settings, in one pydantic-settings class (environment prefix ``KUBETUNE_``).
+
+Nested groups are set with a double underscore, e.g. ``KUBETUNE_OBJECT_STORE__BUCKET=data``.
+Credentials are never settings of a FineTuneJob: S3 keys come from the usual AWS environment or
+workload identity, read by boto3 itself.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubetune.storage_layout import StorageLayout
+
+DEFAULT_DATA_DIR: Final = Path.home() / ".local" / "share" / "kubetune"
+
+
+class Mode(StrEnum):
+    """Where jobs run: on Kubernetes (FineTuneJob resources) or in local subprocesses."""
+
+    KUBERNETES = "kubernetes"
+    LOCAL = "local"
+
+
+class ObjectStoreBackend(StrEnum):
+    """Where files, events, checkpoints and adapters are stored."""
+
+    S3 = "s3"
+    LOCAL = "local"
+
+
+class ObjectStoreSettings(BaseModel):
+    """The object store every component shares."""
+
+    backend: ObjectStoreBackend = Field(
+        default=ObjectStoreBackend.LOCAL, description="s3, or a local folder."
+    )
+    bucket: str = Field(default="kubetune", min_length=3, max_length=63, description="S3 bucket.")
+    prefix: str = Field(default="", max_length=256, description="Key prefix inside the bucket.")
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for non-AWS stores (MinIO, Ceph, moto)."
+    )
+    region: str | None = Field(default=None, description="S3 region.")
+    local_root: Path | None = Field(
+        default=None, description="Folder for the local backend (default: <data_dir>/store)."
+    )
+
+    def layout(self) -> StorageLayout:
+        """The key builder for this store's prefix."""
+        return StorageLayout(prefix=self.prefix)
+
+
+class KubernetesSettings(BaseModel):
+    """How the API and operator reach the cluster."""
+
+    namespace: str = Field(default="kubetune", description="Namespace of FineTuneJobs.")
+    kubeconfig: Path | None = Field(
+        default=None, description="Kubeconfig file; unset means in-cluster configuration."
+    )
+
+
+class LimitSettings(BaseModel):
+    """Sizes and counts that protect the service from one tenant's excess."""
+
+    max_file_bytes: int = Field(default=1 << 30, ge=1, description="Largest uploaded file.")
+    max_line_bytes: int = Field(default=8 << 20, ge=1024, description="Longest JSONL line.")
+    max_files_per_org: int = Field(default=1000, ge=1, description="Files an org may keep.")
+    max_active_jobs_per_org: int = Field(
+        default=20, ge=1, description="Jobs an org may have not yet finished."
+    )
+    min_examples: int = Field(default=10, ge=1, description="Fewest examples in a training file.")
+
+
+class Settings(BaseSettings):
+    """kubetune's settings, read from ``KUBETUNE_*`` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KUBETUNE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    mode: Mode = Field(default=Mode.LOCAL, description="kubernetes or local.")
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Local state (local mode).")
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    def store_root(self) -> Path:
+        """Folder of the local object-store backend."""
+        return self.object_store.local_root or self.data_dir / "store"

@@ -1,0 +1,124 @@
+"""Every object-store key kubetune reads or writes, built in one place.
+
+Layout (``<prefix>`` comes from settings and may be empty)::
+
+    <prefix>/orgs/<org>/files/<file-id>                      uploaded JSONL
+    <prefix>/orgs/<org>/files/<file-id>.meta.json            its metadata (written after the data)
+    <prefix>/orgs/<org>/jobs/<job-id>/config.json            resolved trainer config
+    <prefix>/orgs/<org>/jobs/<job-id>/events/<seq>.jsonl     append-only event chunks
+    <prefix>/orgs/<org>/jobs/<job-id>/checkpoints/step-<n>/  checkpoint; manifest.json written last
+    <prefix>/orgs/<org>/jobs/<job-id>/adapter/               final adapter
+    <prefix>/orgs/<org>/jobs/<job-id>/results.csv            OpenAI-style results file
+
+Keys are checked as they are built: an org or id that could escape its folder (``..``, ``/``)
+raises ValueError, so no caller can be talked into reading another tenant's objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from kubetune.finetunejob import ORG_PATTERN
+from kubetune.ids import ID_PATTERNS, IdKind
+
+_ORG_RE: Final = re.compile(ORG_PATTERN)
+_FILE_RE: Final = re.compile(ID_PATTERNS[IdKind.FILE])
+_JOB_RE: Final = re.compile(ID_PATTERNS[IdKind.JOB])
+_UPLOAD_RE: Final = re.compile(ID_PATTERNS[IdKind.UPLOAD])
+_PART_RE: Final = re.compile(r"^part-[0-9a-z]{1,64}$")
+EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
+CHECKPOINT_DIGITS: Final = 10
+MANIFEST_NAME: Final = "manifest.json"
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.match(value):
+        raise ValueError(f"invalid {what}: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Builds object-store keys under an optional prefix."""
+
+    prefix: str = ""
+
+    def _root(self) -> str:
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/" if prefix else ""
+
+    def org_prefix(self, org: str) -> str:
+        """Folder of everything an org owns."""
+        return f"{self._root()}orgs/{_check(org, _ORG_RE, 'org')}/"
+
+    # Files -------------------------------------------------------------------------------
+    def files_prefix(self, org: str) -> str:
+        """Folder of an org's uploaded files."""
+        return f"{self.org_prefix(org)}files/"
+
+    def file_key(self, org: str, file_id: str) -> str:
+        """Key of an uploaded file's bytes."""
+        return f"{self.files_prefix(org)}{_check(file_id, _FILE_RE, 'file id')}"
+
+    def file_meta_key(self, org: str, file_id: str) -> str:
+        """Key of an uploaded file's metadata; its presence makes the file visible."""
+        return f"{self.file_key(org, file_id)}.meta.json"
+
+    def upload_part_key(self, org: str, upload_id: str, part_id: str) -> str:
+        """Key of one part of a multi-request upload (the Uploads API)."""
+        upload = _check(upload_id, _UPLOAD_RE, "upload id")
+        part = _check(part_id, _PART_RE, "part id")
+        return f"{self.org_prefix(org)}uploads/{upload}/{part}"
+
+    # Jobs --------------------------------------------------------------------------------
+    def job_prefix(self, org: str, job_id: str) -> str:
+        """Folder of everything a job produces."""
+        return f"{self.org_prefix(org)}jobs/{_check(job_id, _JOB_RE, 'job id')}/"
+
+    def job_config_key(self, org: str, job_id: str) -> str:
+        """Key of the resolved trainer config."""
+        return f"{self.job_prefix(org, job_id)}config.json"
+
+    def events_prefix(self, org: str, job_id: str) -> str:
+        """Folder of a job's event chunks."""
+        return f"{self.job_prefix(org, job_id)}events/"
+
+    def event_chunk_key(self, org: str, job_id: str, seq: int) -> str:
+        """Key of event chunk ``seq`` (chunks are never rewritten)."""
+        if seq < 0:
+            raise ValueError("event chunk sequence must be ≥ 0")
+        return f"{self.events_prefix(org, job_id)}{seq:0{EVENT_CHUNK_DIGITS}d}.jsonl"
+
+    def checkpoints_prefix(self, org: str, job_id: str) -> str:
+        """Folder of a job's checkpoints."""
+        return f"{self.job_prefix(org, job_id)}checkpoints/"
+
+    def checkpoint_prefix(self, org: str, job_id: str, step: int) -> str:
+        """Folder of the checkpoint taken at ``step``."""
+        if step < 0:
+            raise ValueError("checkpoint step must be ≥ 0")
+        return f"{self.checkpoints_prefix(org, job_id)}step-{step:0{CHECKPOINT_DIGITS}d}/"
+
+    def checkpoint_manifest_key(self, org: str, job_id: str, step: int) -> str:
+        """Key of a checkpoint's manifest: written last; without it the checkpoint doesn't exist."""
+        return f"{self.checkpoint_prefix(org, job_id, step)}{MANIFEST_NAME}"
+
+    def adapter_prefix(self, org: str, job_id: str) -> str:
+        """Folder of the final adapter (what vLLM loads)."""
+        return f"{self.job_prefix(org, job_id)}adapter/"
+
+    def adapter_manifest_key(self, org: str, job_id: str) -> str:
+        """Key of the final adapter's run manifest, written after the adapter files."""
+        return f"{self.adapter_prefix(org, job_id)}{MANIFEST_NAME}"
+
+    def results_key(self, org: str, job_id: str) -> str:
+        """Key of the OpenAI-style results CSV."""
+        return f"{self.job_prefix(org, job_id)}results.csv"
+
+
+def checkpoint_step_from_key(key: str) -> int | None:
+    """Parse the step out of a key inside a checkpoint folder, or None if it isn't one."""
+    match = re.search(r"/checkpoints/step-(\d+)/", key)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,119 @@
+import pydantic
+import pytest
+import yaml
+
+from kubetune.finetunejob import (
+    API_VERSION,
+    AdapterType,
+    FineTuneJob,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    Hyperparameters,
+    JobPhase,
+    MethodType,
+    fine_tuned_model_name,
+)
+from tests.harness.paths import REPO_ROOT
+
+FILE_ID = "file-0mhx5k2ab00000000000001"
+
+
+def spec(**overrides):
+    return FineTuneJobSpec.model_validate(
+        {"model": "tiny-llama", "trainingFile": FILE_ID, **overrides}
+    )
+
+
+def test_defaults_are_a_working_lora_sft_job():
+    s = spec()
+    assert s.method.type is MethodType.SUPERVISED
+    assert s.adapter.type is AdapterType.LORA
+    assert s.adapter.r == 16
+    assert s.adapter.target_modules == ["all-linear"]
+    assert s.resources.nodes == 1
+    assert s.serving.register_adapter is True
+    assert s.org == "default"
+
+
+def test_wire_format_is_camel_case_and_drops_absent_fields():
+    wire = spec(suffix="x", method={"type": "dpo", "hyperparameters": {"beta": 0.2}}).to_wire()
+    assert wire["trainingFile"] == FILE_ID
+    assert wire["method"]["hyperparameters"] == {"beta": 0.2}
+    assert wire["serving"] == {"register": True}
+    assert "validationFile" not in wire
+    assert "training_file" not in wire
+
+
+@pytest.mark.parametrize(
+    ("alias", "attribute"),
+    [
+        ("nEpochs", "n_epochs"),
+        ("batchSize", "batch_size"),
+        ("learningRateMultiplier", "learning_rate_multiplier"),
+        ("beta", "beta"),
+    ],
+)
+def test_auto_means_resolve_later(alias, attribute):
+    hp = Hyperparameters.model_validate({alias: "auto"})
+    assert getattr(hp, attribute) is None
+    assert hp.to_wire() == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"method": {"type": "rlhf"}}, "method.type"),
+        ({"method": {"hyperparameters": {"nEpochs": -1}}}, "nEpochs"),
+        ({"method": {"hyperparameters": {"beta": 0.1}}}, "beta applies only to method type dpo"),
+        ({"adapter": {"r": 12}}, "adapter.r"),
+        ({"adapter": {"type": "qlora"}, "resources": {"gpusPerNode": 0}}, "qlora needs"),
+        ({"suffix": "a:b"}, "suffix"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"trainingFile": "file-../../etc"}, "trainingFile"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"org": "Acme"}, "org"),
+        ({"unknownField": 1}, "unknownField"),
+        ({"integrations": [{"type": "wandb"}]}, "needs a wandb block"),
+    ],
+)
+def test_invalid_specs_name_the_field(overrides, fragment):
+    with pytest.raises(pydantic.ValidationError) as excinfo:
+        spec(**overrides)
+    assert fragment in str(excinfo.value)
+
+
+def test_the_documented_example_parses():
+    doc = yaml.safe_load((REPO_ROOT / "docs/examples/finetunejob.yaml").read_text())
+    job = FineTuneJob.from_manifest(doc)
+    assert job.api_version == API_VERSION
+    assert job.spec.resources.nodes == 2
+    assert job.spec.method.hyperparameters.batch_size is None
+
+
+def test_status_round_trips_through_the_wire_format():
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "running",
+            "step": 7,
+            "totalSteps": 20,
+            "progress": "7/20",
+            "metrics": {"trainLoss": 1.25},
+            "error": None,
+        }
+    )
+    again = FineTuneJobStatus.model_validate(status.to_wire())
+    assert again == status
+    assert again.phase is JobPhase.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("base", "suffix", "expected_prefix"),
+    [
+        ("llama-3.1-8b", "bot", "ft:llama-3.1-8b:acme:bot:"),
+        ("llama-3.1-8b", None, "ft:llama-3.1-8b:acme::"),
+        ("ft:llama-3.1-8b:acme:bot:abcd1234", "v2", "ft:llama-3.1-8b:acme:v2:"),
+    ],
+)
+def test_fine_tuned_model_names_follow_openai(base, suffix, expected_prefix):
+    name = fine_tuned_model_name(base, "acme", suffix, "ftjob-0mhx5k2ab00000000000001")
+    assert name == expected_prefix + "00000001"
