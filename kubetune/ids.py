@@ -88,3 +88,24 @@ def short_id(value: str) -> str:
     """
     _, _, body = value.partition("-")
     return body[-8:]
+
+
+def id_timestamp(value: str) -> float:
+    """Unix time (seconds) at which an id was made, read back from its time prefix."""
+    _, _, body = value.partition("-")
+    return int(body[:_TIME_WIDTH], 36) / 1000.0
+
+
+def default_seed(job_id: str) -> int:
+    """The seed a job uses when none was given: stable per job, so a restart reuses it."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def results_file_id(job_id: str) -> str:
+    """The id of a job's results file (purpose ``fine-tune-results``): derived from the job
+    id, so every writer (operator, local executor, API) names it the same without talking.
+    """
+    _, _, body = job_id.partition("-")
+    return f"{IdKind.FILE.value}-{body}"

@@ -75,6 +75,33 @@ class LimitSettings(BaseModel):
     min_examples: int = Field(default=10, ge=1, description="Fewest examples in a training file.")
 
 
+class BaseModelEntry(BaseModel):
+    """A base model users may fine-tune (the catalogue)."""
+
+    id: str = Field(min_length=1, max_length=256, description="Name used in requests.")
+    owned_by: str = Field(default="kubetune", description="Shown in /v1/models.")
+    created: int = Field(default=0, ge=0, description="Unix time shown in /v1/models.")
+    tokenizer: Path | None = Field(
+        default=None,
+        description="Folder or tokenizer.json of the model's tokenizer, for token counts.",
+    )
+    context_length: int = Field(default=4096, ge=16, description="Longest sequence in tokens.")
+
+
+class ApiSettings(BaseModel):
+    """The HTTP API."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="JSON list of {name, org, role, sha256} (or {key, …}); keys are stored hashed.",
+    )
+    requests_per_minute: int = Field(default=600, ge=1, description="Per-org request budget.")
+    max_json_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest JSON body.")
+    max_page_size: int = Field(default=100, ge=1, description="Largest list page for jobs.")
+
+
 class Settings(BaseSettings):
     """kubetune's settings, read from ``KUBETUNE_*`` environment variables."""
 
@@ -87,6 +114,10 @@ class Settings(BaseSettings):
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    models: list[BaseModelEntry] = Field(
+        default_factory=list, description="The base-model catalogue (JSON in KUBETUNE_MODELS)."
+    )
 
     def store_root(self) -> Path:
         """Folder of the local object-store backend."""

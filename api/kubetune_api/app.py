@@ -1,0 +1,174 @@
+"""The FastAPI application: wiring, middleware and health endpoints.
+
+``create_app(settings)`` builds everything from one :class:`~kubetune.settings.Settings`;
+``python -m kubetune_api`` serves it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubetune.objectstore import open_object_store
+from kubetune.settings import Mode, Settings
+from kubetune.version import __version__
+from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key
+from kubetune_api.backends.base import JobBackend
+from kubetune_api.backends.local import LocalJobBackend
+from kubetune_api.deps import Services
+from kubetune_api.errors import PayloadTooLarge, ServiceUnavailable, install_error_handlers
+from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from kubetune_api.ratelimit import RateLimiter
+from kubetune_api.routers import files, fine_tuning, models
+from kubetune_api.services.files import FileService
+from kubetune_api.services.jobs import JobService
+from kubetune_api.services.models import ModelService
+
+log = logging.getLogger("kubetune.api")
+UPLOAD_PATHS = ("/v1/files", "/v1/uploads")
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _job_backend(settings: Settings) -> JobBackend:
+    if settings.mode is Mode.LOCAL:
+        return LocalJobBackend(settings.data_dir / "jobs.sqlite3")
+    from kubernetes import config
+
+    from kubetune_api.backends.kubernetes import KubernetesJobBackend
+
+    if settings.kubernetes.kubeconfig is not None:
+        client = config.new_client_from_config(config_file=str(settings.kubernetes.kubeconfig))  # type: ignore[no-untyped-call]
+    else:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        from kubernetes.client import ApiClient
+
+        client = ApiClient()
+    return KubernetesJobBackend(client, settings.kubernetes.namespace)
+
+
+def _key_store(settings: Settings) -> KeyStore:
+    """Keys from the configured file; in local mode, a generated admin key on first start."""
+    path = settings.api.api_keys_file
+    if path is not None:
+        return KeyStore.from_file(path)
+    if settings.mode is not Mode.LOCAL:
+        raise RuntimeError("KUBETUNE_API__API_KEYS_FILE is required outside local mode")
+    path = settings.data_dir / "api_keys.json"
+    if not path.exists():
+        key = new_api_key()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = ApiKeyEntry(name="local-admin", org="local", role=Role.ADMIN, sha256=hash_key(key))
+        path.write_text(json.dumps([entry.model_dump(exclude_none=True)]))
+        path.chmod(0o600)
+        (settings.data_dir / "api_key").write_text(key + "\n")
+        (settings.data_dir / "api_key").chmod(0o600)
+    return KeyStore.from_file(path)
+
+
+def build_services(settings: Settings) -> Services:
+    """Create the object store, the job backend and the services on top of them."""
+    store = open_object_store(settings.object_store, root=settings.store_root())
+    backend = _job_backend(settings)
+    file_service = FileService(settings, store)
+    job_service = JobService(settings, backend, store, file_service)
+    file_service.results_lookup = job_service.results_file
+    return Services(
+        settings=settings,
+        keys=_key_store(settings),
+        store=store,
+        backend=backend,
+        files=file_service,
+        jobs=job_service,
+        models=ModelService(backend, job_service),
+        limiter=RateLimiter(settings.api.requests_per_minute),
+    )
+
+
+def _route_template(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def _body_limit(settings: Settings, path: str) -> int:
+    if path.startswith(UPLOAD_PATHS):
+        return settings.limits.max_file_bytes + MULTIPART_OVERHEAD
+    return settings.api.max_json_body_bytes
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """The kubetune API as an ASGI app."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="kubetune",
+        version=__version__,
+        description="OpenAI-compatible fine-tuning API on your own Kubernetes.",
+    )
+    app.state.services = services or build_services(settings)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = "req_" + secrets.token_hex(16)
+        start = time.perf_counter()
+        declared = request.headers.get("content-length")
+        limit = _body_limit(settings, request.url.path)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            err = PayloadTooLarge(f"Request body of {declared} bytes exceeds {limit} bytes.")
+            response: Response = JSONResponse(err.body(), status_code=err.status_code)
+        else:
+            response = await call_next(request)
+        response.headers["x-request-id"] = request_id
+        for name, value in getattr(request.state, "rate_limit_headers", {}).items():
+            response.headers.setdefault(name, value)
+        route = _route_template(request)
+        HTTP_REQUESTS.labels(route=route, method=request.method, status=response.status_code).inc()
+        HTTP_LATENCY.labels(route=route, method=request.method).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz(request: Request) -> dict[str, str]:
+        svc: Services = request.app.state.services
+        try:
+            svc.backend.ready()
+            svc.store.exists("readyz-probe")
+        except Exception as exc:
+            raise ServiceUnavailable(f"not ready: {type(exc).__name__}") from exc
+        return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
+    app.include_router(models.router)
+    return app
+
+
+def main() -> None:
+    """Serve the API with uvicorn on the configured host and port."""
+    import uvicorn
+
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    key_file = settings.data_dir / "api_key"
+    if settings.mode is Mode.LOCAL and Path(key_file).exists():
+        log.info("local mode: API key in %s", key_file)
+    uvicorn.run(
+        app, host=settings.api.host, port=settings.api.port, log_level="info", access_log=False
+    )

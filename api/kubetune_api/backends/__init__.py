@@ -1,0 +1,1 @@
+"""Where FineTuneJobs live: Kubernetes custom resources, or a local SQLite database."""

@@ -1,0 +1,153 @@
+"""Jobs in an embedded SQLite database (local mode).
+
+One row per job holding the whole manifest as JSON, plus the columns queries need. SQLite's
+unique index on (org, idempotency_key) makes idempotent creation atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from kubetune.finetunejob import FineTuneJob, FineTuneJobStatus
+from kubetune.lifecycle import TERMINAL_PHASES
+from kubetune_api.backends.base import JobBackend, JobPage
+from kubetune_api.errors import job_not_found
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    idempotency_key TEXT,
+    phase TEXT,
+    manifest TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_org_id ON jobs (org, id);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (org, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+"""
+
+
+class LocalJobBackend(JobBackend):
+    """SQLite-backed job store; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _row_to_job(self, manifest: str) -> FineTuneJob:
+        return FineTuneJob.model_validate_json(manifest)
+
+    def _save(self, job: FineTuneJob) -> None:
+        phase = job.status.phase.value if job.status and job.status.phase else None
+        self._db.execute(
+            "UPDATE jobs SET manifest = ?, phase = ? WHERE id = ?",
+            (json.dumps(job.to_manifest()), phase, job.metadata.name),
+        )
+
+    def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
+        """See :meth:`JobBackend.create`."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (id, org, idempotency_key, phase, manifest) "
+                    "VALUES (?, ?, ?, NULL, ?)",
+                    (
+                        job.metadata.name,
+                        job.spec.org,
+                        idempotency_key,
+                        json.dumps(job.to_manifest()),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                row = self._db.execute(
+                    "SELECT manifest FROM jobs WHERE org = ? AND idempotency_key = ?",
+                    (job.spec.org, idempotency_key),
+                ).fetchone()
+                if row is None:
+                    raise
+                return self._row_to_job(row[0]), False
+        return job, True
+
+    def get(self, org: str, job_id: str) -> FineTuneJob | None:
+        """See :meth:`JobBackend.get`."""
+        row = self._db.execute(
+            "SELECT manifest FROM jobs WHERE org = ? AND id = ?", (org, job_id)
+        ).fetchone()
+        return self._row_to_job(row[0]) if row else None
+
+    def list(
+        self, org: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> JobPage:
+        """See :meth:`JobBackend.list`."""
+        query = "SELECT manifest FROM jobs WHERE org = ?"
+        args: list[object] = [org]
+        if after is not None:
+            query += " AND id < ?"
+            args.append(after)
+        for key, value in (metadata or {}).items():
+            query += " AND json_extract(manifest, '$.spec.metadata.' || json_quote(?)) = ?"
+            args.extend([key, value])
+        query += " ORDER BY id DESC LIMIT ?"
+        args.append(limit + 1)
+        rows = self._db.execute(query, args).fetchall()
+        jobs = [self._row_to_job(r[0]) for r in rows[:limit]]
+        return JobPage(jobs=jobs, has_more=len(rows) > limit)
+
+    def count_active(self, org: str) -> int:
+        """See :meth:`JobBackend.count_active`."""
+        terminal = [p.value for p in TERMINAL_PHASES]
+        row = self._db.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE org = ? AND (phase IS NULL OR phase NOT IN "  # noqa: S608
+            f"({','.join('?' * len(terminal))})) "
+            "AND json_extract(manifest, '$.spec.cancel') IS NOT 1",
+            (org, *terminal),
+        ).fetchone()
+        return int(row[0])
+
+    def _modify(
+        self,
+        org: str,
+        job_id: str,
+        *,
+        spec: dict[str, bool] | None = None,
+        annotations: dict[str, str] | None = None,
+        status: FineTuneJobStatus | None = None,
+    ) -> FineTuneJob:
+        with self._lock:
+            job = self.get(org, job_id)
+            if job is None:
+                raise job_not_found(job_id)
+            if spec:
+                job.spec = job.spec.model_copy(update=spec)
+            if annotations:
+                job.metadata.annotations.update(annotations)
+            if status is not None:
+                job.status = status
+            self._save(job)
+            return job
+
+    def patch_spec(
+        self, org: str, job_id: str, *, cancel: bool | None = None, suspend: bool | None = None
+    ) -> FineTuneJob:
+        """See :meth:`JobBackend.patch_spec`."""
+        update = {k: v for k, v in {"cancel": cancel, "suspend": suspend}.items() if v is not None}
+        return self._modify(org, job_id, spec=update)
+
+    def annotate(self, org: str, job_id: str, annotations: dict[str, str]) -> FineTuneJob:
+        """See :meth:`JobBackend.annotate`."""
+        return self._modify(org, job_id, annotations=annotations)
+
+    def update_status(self, org: str, job_id: str, status: FineTuneJobStatus) -> FineTuneJob:
+        """See :meth:`JobBackend.update_status`."""
+        return self._modify(org, job_id, status=status)
+
+    def ready(self) -> bool:
+        """See :meth:`JobBackend.ready`."""
+        self._db.execute("SELECT 1").fetchone()
+        return True

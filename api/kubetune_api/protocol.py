@@ -1,0 +1,402 @@
+"""OpenAI's wire format for files, fine-tuning jobs and models, in one module.
+
+Mirrors the schemas of ``openai-fine-tuning.openapi.yaml`` (the subset of OpenAI's spec this
+service implements). Routers return these models and nothing else; services build them. Where
+kubetune adds something (job statuses ``pausing``/``paused``, the ``adapter``/``resources``
+request fields a Together or Kubeflow user expects) it is marked here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from kubetune.finetunejob import SUFFIX_PATTERN, VLLM_LORA_RANKS
+
+T = TypeVar("T")
+
+Auto = Literal["auto"]
+FilePurpose = Literal[
+    "assistants",
+    "assistants_output",
+    "batch",
+    "batch_output",
+    "fine-tune",
+    "fine-tune-results",
+    "vision",
+    "user_data",
+]
+JobStatus = Literal[
+    "validating_files",
+    "queued",
+    "running",
+    "pausing",
+    "paused",
+    "succeeded",
+    "failed",
+    "cancelled",
+]
+
+
+class Wire(BaseModel):
+    """Base of response objects: serialized as OpenAI does, nulls included."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ErrorBody(Wire):
+    """The inside of OpenAI's error envelope."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Wire):
+    """``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorBody
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+class OpenAIFile(Wire):
+    """The ``file`` object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    # Optional and not nullable in OpenAI's schema: omitted rather than null.
+    expires_at: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    filename: str
+    purpose: FilePurpose
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ListFilesResponse(Wire):
+    """A page of files."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIFile]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class DeleteFileResponse(Wire):
+    """Answer to ``DELETE /v1/files/{id}``."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning jobs: requests
+# ---------------------------------------------------------------------------------------------
+
+
+class Request(BaseModel):
+    """Base of request bodies: unknown fields are errors, like OpenAI's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedHyperparameters(Request):
+    """``FineTuneSupervisedHyperparameters``."""
+
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    """``FineTuneDPOHyperparameters``."""
+
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+class SupervisedMethod(Request):
+    """``FineTuneSupervisedMethod``."""
+
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class DpoMethod(Request):
+    """``FineTuneDPOMethod``."""
+
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class MethodRequest(Request):
+    """``FineTuneMethod`` (``reinforcement`` is not offered)."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+class WandbSettings(Request):
+    """W&B settings of an integration."""
+
+    project: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list, max_length=32)
+
+
+class MlflowSettings(Request):
+    """MLflow settings of an integration (a kubetune addition)."""
+
+    experiment: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+
+class IntegrationRequest(Request):
+    """``FineTuningIntegration``; ``mlflow`` is a kubetune addition."""
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbSettings | None = None
+    mlflow: MlflowSettings | None = None
+
+
+class AdapterRequest(Request):
+    """kubetune addition (``extra_body={"adapter": …}``): what is trained."""
+
+    type: Literal["lora", "qlora", "full"] = "lora"
+    r: int = 16
+    alpha: int = Field(default=32, ge=1, le=4096)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+
+    @field_validator("r")
+    @classmethod
+    def _rank_vllm_can_serve(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+            raise ValueError(f"r must be one of the ranks vLLM serves: {allowed}")
+        return value
+
+
+class ResourcesRequest(Request):
+    """kubetune addition (``extra_body={"resources": …}``): nodes and GPUs."""
+
+    nodes: int = Field(default=1, ge=1, le=64)
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    gpu_type: str | None = None
+
+
+class CreateFineTuningJobRequest(Request):
+    """``CreateFineTuningJobRequest`` plus kubetune's extra fields (sent as ``extra_body``)."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: SupervisedHyperparameters | None = Field(
+        default=None, description="Deprecated by OpenAI in favour of method; still accepted."
+    )
+    method: MethodRequest | None = None
+    suffix: Annotated[str, StringConstraints(pattern=SUFFIX_PATTERN)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2_147_483_647)
+    metadata: (
+        dict[
+            Annotated[str, StringConstraints(max_length=64)],
+            Annotated[str, StringConstraints(max_length=512)],
+        ]
+        | None
+    ) = Field(default=None, max_length=16)
+    integrations: list[IntegrationRequest] | None = Field(default=None, max_length=5)
+    # kubetune additions
+    adapter: AdapterRequest | None = None
+    resources: ResourcesRequest | None = None
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] | None = None
+    n_evals: int | None = Field(default=None, ge=0, le=1000)
+    queue: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning jobs: responses
+# ---------------------------------------------------------------------------------------------
+
+
+class JobError(Wire):
+    """Why a job failed."""
+
+    code: str
+    message: str
+    param: str | None
+
+
+class JobHyperparameters(Wire):
+    """Resolved hyperparameters (numbers once the job has been planned)."""
+
+    batch_size: Auto | int | None = "auto"
+    learning_rate_multiplier: Auto | float = "auto"
+    n_epochs: Auto | int = "auto"
+
+
+class DpoJobHyperparameters(JobHyperparameters):
+    """Resolved DPO hyperparameters."""
+
+    beta: Auto | float = "auto"
+
+
+class SupervisedMethodOut(Wire):
+    """``method.supervised`` in a job object."""
+
+    hyperparameters: JobHyperparameters
+
+
+class DpoMethodOut(Wire):
+    """``method.dpo`` in a job object."""
+
+    hyperparameters: DpoJobHyperparameters
+
+
+class MethodOut(Wire):
+    """``method`` in a job object."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethodOut | None = Field(default=None, exclude_if=lambda v: v is None)
+    dpo: DpoMethodOut | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class FineTuningJob(Wire):
+    """The ``fine_tuning.job`` object."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: JobHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    status: JobStatus
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    integrations: list[dict[str, Any]] | None = None
+    seed: int
+    estimated_finish: int | None = None
+    method: MethodOut
+    metadata: dict[str, str] | None = None
+    # kubetune additions
+    adapter: dict[str, Any] | None = None
+    resources: dict[str, Any] | None = None
+    strategy: str | None = None
+
+
+class ListPaginatedFineTuningJobsResponse(Wire):
+    """A page of jobs."""
+
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(Wire):
+    """The ``fine_tuning.job.event`` object."""
+
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ListFineTuningJobEventsResponse(Wire):
+    """A page of events, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class CheckpointMetrics(Wire):
+    """Metrics of a checkpoint; a metric not measured is omitted (the schema has no nulls)."""
+
+    step: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    train_loss: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    train_mean_token_accuracy: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    valid_loss: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    valid_mean_token_accuracy: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    full_valid_loss: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    full_valid_mean_token_accuracy: float | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+
+
+class FineTuningJobCheckpoint(Wire):
+    """The ``fine_tuning.job.checkpoint`` object."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class ListFineTuningJobCheckpointsResponse(Wire):
+    """A page of checkpoints, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class Model(Wire):
+    """The ``model`` object."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ListModelsResponse(Wire):
+    """Every model the caller may use."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class DeleteModelResponse(Wire):
+    """Answer to ``DELETE /v1/models/{id}``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+class Page(BaseModel, Generic[T]):
+    """A slice of a list plus whether more follow (used between services and routers)."""
+
+    items: list[T]
+    has_more: bool

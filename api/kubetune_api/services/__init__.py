@@ -1,0 +1,1 @@
+"""The API's logic: routers call services; services call backends and the object store."""

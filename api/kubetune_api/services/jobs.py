@@ -1,0 +1,388 @@
+"""Fine-tuning jobs: create (validated, "auto" resolved, idempotent), list, retrieve, cancel,
+pause, resume, events and checkpoints — the same on both backends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.datasets import DatasetFormat, format_mismatch_message
+from kubetune.events import JobEvent, page_newest_first, read_events, write_control_events
+from kubetune.files import FileMeta, FilePurpose
+from kubetune.finetunejob import (
+    LABEL_BASE_MODEL,
+    LABEL_ORG,
+    AdapterType,
+    FineTuneJob,
+    FineTuneJobSpec,
+    JobPhase,
+    MethodType,
+    ObjectMeta,
+    fine_tuned_model_name,
+)
+from kubetune.hyperparameters import resolve
+from kubetune.ids import IdKind, is_valid_id, new_job_id
+from kubetune.lifecycle import is_terminal
+from kubetune.objectstore import ObjectStore
+from kubetune.settings import BaseModelEntry, Settings
+from kubetune_api.auth import Principal
+from kubetune_api.backends.base import ANNOTATION_MODEL_DELETED, JobBackend
+from kubetune_api.errors import Conflict, InvalidRequest, NotFound, validation_error
+from kubetune_api.metrics import JOBS_CREATED
+from kubetune_api.protocol import (
+    CheckpointMetrics,
+    CreateFineTuningJobRequest,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    ListFineTuningJobCheckpointsResponse,
+    ListFineTuningJobEventsResponse,
+    ListPaginatedFineTuningJobsResponse,
+)
+from kubetune_api.services.files import FileService
+from kubetune_api.services.views import api_status, job_to_openai
+
+
+class JobService:
+    """Jobs of one deployment, scoped by org on every call."""
+
+    def __init__(
+        self, settings: Settings, backend: JobBackend, store: ObjectStore, files: FileService
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.files = files
+        self.layout = settings.object_store.layout()
+        self._catalogue = {m.id: m for m in settings.models}
+        self._transition_lock = threading.Lock()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def base_model(self, name: str) -> BaseModelEntry | None:
+        """The catalogue entry of a base model name."""
+        return self._catalogue.get(name)
+
+    def _require(self, principal: Principal, job_id: str) -> FineTuneJob:
+        job = self.backend.get(principal.org, job_id) if is_valid_id(job_id, IdKind.JOB) else None
+        if job is None:
+            raise NotFound(f"No fine-tuning job found with id {job_id}", param="fine_tuning_job_id")
+        return job
+
+    def _event(self, job: FineTuneJob, message: str, **kwargs: Any) -> None:
+        write_control_events(
+            self.store,
+            self.layout.events_prefix(job.spec.org, job.metadata.name),
+            [JobEvent(message=message, **kwargs)],
+        )
+
+    def _resolve_model(self, principal: Principal, model: str) -> str:
+        """Check the requested base (or ft:) model; return the catalogue base model."""
+        if model.startswith("ft:"):
+            source = self.find_fine_tuned(principal, model)
+            if source is None:
+                raise InvalidRequest(
+                    f"Model {model} does not exist or you do not have access to it.",
+                    param="model",
+                    code="model_not_available",
+                )
+            return (
+                source.spec.model.split(":")[1]
+                if source.spec.model.startswith("ft:")
+                else source.spec.model
+            )
+        if model not in self._catalogue:
+            available = ", ".join(sorted(self._catalogue)) or "none configured"
+            raise InvalidRequest(
+                f"Model {model} is not available for fine-tuning. Available: {available}.",
+                param="model",
+                code="model_not_available",
+            )
+        return model
+
+    def _check_file(
+        self, principal: Principal, file_id: str, param: str, method: MethodType
+    ) -> FileMeta:
+        try:
+            meta = self.files.get_meta(principal, file_id, param=param)
+        except NotFound:
+            raise InvalidRequest(
+                f"invalid {param}: {file_id} does not exist", param=param, code="invalid_file"
+            ) from None
+        if meta.purpose is not FilePurpose.FINE_TUNE:
+            raise InvalidRequest(
+                f"invalid {param}: {file_id} has purpose '{meta.purpose.value}', not 'fine-tune'",
+                param=param,
+                code="invalid_file",
+            )
+        found = meta.stats.get("format")
+        if found is not None:
+            mismatch = format_mismatch_message(DatasetFormat(found), method)
+            if mismatch:
+                raise InvalidRequest(
+                    f"invalid {param}: {mismatch}", param=param, code="invalid_file_format"
+                )
+        return meta
+
+    def find_fine_tuned(self, principal: Principal, model: str) -> FineTuneJob | None:
+        """The org's succeeded, undeleted job that produced ``model``."""
+        after = None
+        while True:
+            page = self.backend.list(principal.org, after=after, limit=500)
+            for job in page.jobs:
+                status = job.status
+                if (
+                    status
+                    and status.fine_tuned_model == model
+                    and status.phase is JobPhase.SUCCEEDED
+                    and job.metadata.annotations.get(ANNOTATION_MODEL_DELETED) != "true"
+                ):
+                    return job
+            if not page.has_more or not page.jobs:
+                return None
+            after = page.jobs[-1].metadata.name
+
+    def results_file(self, principal: Principal, file_id: str) -> FileMeta | None:
+        """The results file (``file-<job body>``) of a succeeded job of the org, if written."""
+        job_id = IdKind.JOB.value + "-" + file_id.partition("-")[2]
+        job = self.backend.get(principal.org, job_id) if is_valid_id(job_id, IdKind.JOB) else None
+        if job is None or job.status is None or job.status.phase is not JobPhase.SUCCEEDED:
+            return None
+        key = self.layout.results_key(principal.org, job_id)
+        head = self.store.head(key)
+        if head is None:
+            return None
+        finished = job.status.finished_at
+        return FileMeta(
+            id=file_id,
+            org=principal.org,
+            filename=f"{job_id}-results.csv",
+            purpose=FilePurpose.FINE_TUNE_RESULTS,
+            bytes=head.size,
+            created_at=int(finished.timestamp()) if finished else int(time.time()),
+            sha256=head.sha256 or "",
+            object_key=key,
+            job_id=job_id,
+        )
+
+    # -- create ----------------------------------------------------------------------------
+    def _spec_from_request(
+        self, principal: Principal, req: CreateFineTuningJobRequest, base: str
+    ) -> FineTuneJobSpec:
+        method_type = MethodType(req.method.type) if req.method else MethodType.SUPERVISED
+        hyper: dict[str, Any] = {}
+        if req.hyperparameters is not None:
+            if req.method is not None:
+                raise InvalidRequest(
+                    "Give hyperparameters inside method, not both.", param="hyperparameters"
+                )
+            hyper = req.hyperparameters.model_dump()
+        elif req.method is not None:
+            block = req.method.dpo if method_type is MethodType.DPO else req.method.supervised
+            other = req.method.supervised if method_type is MethodType.DPO else req.method.dpo
+            if other is not None:
+                raise InvalidRequest(
+                    f"method.type is {method_type.value} but a different method block was given.",
+                    param="method",
+                )
+            if block is not None:
+                hyper = block.hyperparameters.model_dump()
+        if req.n_evals is not None:
+            hyper["n_evals"] = req.n_evals
+        raw: dict[str, Any] = {
+            "org": principal.org,
+            "model": req.model,
+            "training_file": req.training_file,
+            "validation_file": req.validation_file,
+            "method": {"type": method_type, "hyperparameters": hyper},
+            "suffix": req.suffix,
+            "seed": req.seed,
+            "metadata": req.metadata or {},
+            "integrations": [i.model_dump(exclude_none=True) for i in req.integrations or []],
+        }
+        if req.adapter is not None:
+            raw["adapter"] = req.adapter.model_dump()
+        if req.resources is not None:
+            raw["resources"] = req.resources.model_dump()
+        if req.strategy is not None:
+            raw["strategy"] = req.strategy
+        if req.queue is not None:
+            raw["queue"] = req.queue
+        try:
+            return FineTuneJobSpec.model_validate({k: v for k, v in raw.items() if v is not None})
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+    def create(
+        self, principal: Principal, req: CreateFineTuningJobRequest, idempotency_key: str | None
+    ) -> FineTuningJob:
+        """Validate and store a new job; the same idempotency key returns the same job."""
+        base = self._resolve_model(principal, req.model)
+        spec = self._spec_from_request(principal, req, base)
+        training = self._check_file(
+            principal, spec.training_file, "training_file", spec.method.type
+        )
+        if spec.validation_file is not None:
+            self._check_file(principal, spec.validation_file, "validation_file", spec.method.type)
+        if self.backend.count_active(principal.org) >= self.settings.limits.max_active_jobs_per_org:
+            raise Conflict(
+                f"Your organization has {self.settings.limits.max_active_jobs_per_org} unfinished "
+                "jobs, the most allowed; wait for one to finish or cancel one.",
+                code="job_limit_reached",
+            )
+        n_examples = int(training.stats.get("n_examples") or 1)
+        spec.method.hyperparameters = resolve(
+            spec.method.hyperparameters,
+            method=spec.method.type,
+            adapter=AdapterType(spec.adapter.type),
+            n_examples=n_examples,
+        )
+        job_id = new_job_id()
+        job = FineTuneJob(
+            metadata=ObjectMeta(
+                name=job_id,
+                labels={LABEL_ORG: principal.org, LABEL_BASE_MODEL: _label_value(base)},
+            ),
+            spec=spec,
+        )
+        stored, created = self.backend.create(job, idempotency_key)
+        if created:
+            JOBS_CREATED.labels(method=spec.method.type.value).inc()
+            self._event(stored, f"Created fine-tuning job: {job_id}")
+            self._event(stored, f"Validating training file: {spec.training_file}")
+        return job_to_openai(stored)
+
+    # -- read ------------------------------------------------------------------------------
+    def retrieve(self, principal: Principal, job_id: str) -> FineTuningJob:
+        """One of the org's jobs."""
+        return job_to_openai(self._require(principal, job_id))
+
+    def list(
+        self,
+        principal: Principal,
+        *,
+        after: str | None,
+        limit: int,
+        metadata: dict[str, str] | None,
+    ) -> ListPaginatedFineTuningJobsResponse:
+        """The org's jobs, newest first."""
+        page = self.backend.list(principal.org, after=after, limit=limit, metadata=metadata)
+        return ListPaginatedFineTuningJobsResponse(
+            data=[job_to_openai(j) for j in page.jobs], has_more=page.has_more
+        )
+
+    def events(
+        self, principal: Principal, job_id: str, *, after: str | None, limit: int
+    ) -> ListFineTuningJobEventsResponse:
+        """The job's events, newest first."""
+        job = self._require(principal, job_id)
+        events = read_events(
+            self.store, self.layout.events_prefix(principal.org, job.metadata.name)
+        )
+        page, has_more = page_newest_first(events, after=after, limit=limit)
+        return ListFineTuningJobEventsResponse(
+            data=[
+                FineTuningJobEvent(
+                    id=e.id,
+                    created_at=e.created_at,
+                    level=e.level.value,
+                    message=e.message,
+                    type=e.type.value,
+                    data=e.data,
+                )
+                for e in page
+            ],
+            has_more=has_more,
+        )
+
+    def checkpoints(
+        self, principal: Principal, job_id: str, *, after: str | None, limit: int
+    ) -> ListFineTuningJobCheckpointsResponse:
+        """The job's committed checkpoints, newest first."""
+        job = self._require(principal, job_id)
+        refs = sorted(
+            job.status.checkpoints if job.status else [], key=lambda c: c.step, reverse=True
+        )
+        if after is not None:
+            ids = [c.id for c in refs]
+            refs = refs[ids.index(after) + 1 :] if after in ids else []
+        base = (
+            job.status.fine_tuned_model
+            if job.status and job.status.fine_tuned_model
+            else fine_tuned_model_name(
+                job.spec.model, job.spec.org, job.spec.suffix, job.metadata.name
+            )
+        )
+        data = [
+            FineTuningJobCheckpoint(
+                id=c.id,
+                created_at=int(c.created_at.timestamp()),
+                fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+                fine_tuning_job_id=job.metadata.name,
+                step_number=c.step,
+                metrics=CheckpointMetrics(
+                    step=c.step,
+                    train_loss=c.metrics.train_loss if c.metrics else None,
+                    train_mean_token_accuracy=c.metrics.train_mean_token_accuracy
+                    if c.metrics
+                    else None,
+                    valid_loss=c.metrics.valid_loss if c.metrics else None,
+                    valid_mean_token_accuracy=c.metrics.valid_mean_token_accuracy
+                    if c.metrics
+                    else None,
+                ),
+            )
+            for c in refs[:limit]
+        ]
+        return ListFineTuningJobCheckpointsResponse(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=len(refs) > limit,
+        )
+
+    # -- transitions -----------------------------------------------------------------------
+    def cancel(self, principal: Principal, job_id: str) -> FineTuningJob:
+        """Request cancellation; 409 once the job has finished."""
+        with self._transition_lock:
+            job = self._require(principal, job_id)
+            status = api_status(job)
+            if is_terminal(JobPhase(status)):
+                raise Conflict(f"Job {job_id} has already {status}; it cannot be cancelled.")
+            job = self.backend.patch_spec(principal.org, job_id, cancel=True)
+        self._event(job, "Fine-tuning job cancelled")
+        return job_to_openai(job)
+
+    def pause(self, principal: Principal, job_id: str) -> FineTuningJob:
+        """Request a pause (checkpoint, then stop); only queued or running jobs pause."""
+        with self._transition_lock:
+            job = self._require(principal, job_id)
+            status = api_status(job)
+            if status not in ("validating_files", "queued", "running"):
+                raise Conflict(
+                    f"Job {job_id} is {status}; only queued or running jobs can be paused."
+                )
+            job = self.backend.patch_spec(principal.org, job_id, suspend=True)
+        self._event(job, "Fine-tuning job pausing: a checkpoint is taken before it stops")
+        return job_to_openai(job)
+
+    def resume(self, principal: Principal, job_id: str) -> FineTuningJob:
+        """Resume a paused job from its last checkpoint."""
+        with self._transition_lock:
+            job = self._require(principal, job_id)
+            status = api_status(job)
+            if status not in ("paused", "pausing"):
+                raise Conflict(f"Job {job_id} is {status}; only paused jobs can be resumed.")
+            job = self.backend.patch_spec(principal.org, job_id, suspend=False)
+        self._event(job, "Fine-tuning job resumed")
+        return job_to_openai(job)
+
+
+def _label_value(value: str) -> str:
+    """A model name made safe as a label value (≤ 63 of [A-Za-z0-9._-])."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:63].strip("-._") or "unknown"
