@@ -31,6 +31,7 @@ class IdKind(StrEnum):
     CHECKPOINT = "ftckpt"
     EVENT = "ftevent"
     UPLOAD = "upload"
+    PART = "part"
 
 
 ID_PATTERNS: Final[dict[IdKind, str]] = {

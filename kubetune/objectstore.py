@@ -30,6 +30,7 @@ import base64
 import builtins
 import contextlib
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -38,7 +39,6 @@ import mimetypes
 import os
 import re
 import stat
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -221,6 +221,8 @@ def _source_chunks(stream: BinaryIO | Iterable[bytes], read_size: int) -> Iterat
     if callable(read):
         while True:
             chunk = read(read_size)
+            if chunk is None:  # a non-blocking stream with nothing ready: not ours to poll
+                raise TypeError("non-blocking streams are not supported")
             if not chunk:
                 return
             if not isinstance(chunk, bytes | bytearray | memoryview):
@@ -232,6 +234,16 @@ def _source_chunks(stream: BinaryIO | Iterable[bytes], read_size: int) -> Iterat
                 raise TypeError(f"stream must yield bytes, got {type(chunk).__name__}")
             if chunk:
                 yield bytes(chunk)
+
+
+def _create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new, empty file for writing, named ``<prefix><random>.tmp``.
+
+    Unlike mkstemp's 0600, its mode follows the umask like any file a program writes: a
+    downloaded adapter may be read by another user (vLLM's).
+    """
+    path = folder / f"{prefix}{uuid.uuid4().hex}.tmp"
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
 
 
 class _Digest:
@@ -394,7 +406,9 @@ class ObjectStore(abc.ABC):
         metadata: Mapping[str, str] | None = None,
     ) -> PutResult:
         """Store ``data`` at ``key``."""
-        return self.put_stream(key, [bytes(data)], content_type=content_type, metadata=metadata)
+        # A seekable stream: on S3 a large one is hashed first and needs no server-side copy.
+        stream = io.BytesIO(data)
+        return self.put_stream(key, stream, content_type=content_type, metadata=metadata)
 
     def put_json(
         self, key: str, obj: object, *, metadata: Mapping[str, str] | None = None
@@ -466,14 +480,14 @@ class ObjectStore(abc.ABC):
             if not target.resolve().is_relative_to(dest_root):
                 raise InvalidKey(f"{info.key!r} would land outside {dest_dir}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".part")
+            fd, tmp = _create_temp(target.parent, ".download-")
             try:
                 with os.fdopen(fd, "wb") as out, self.open_stream(info.key) as reader:
                     for chunk in reader:
                         out.write(chunk)
-                os.replace(tmp_name, target)
+                os.replace(tmp, target)
             except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
             written.append(target)
         return written
@@ -609,16 +623,16 @@ class LocalObjectStore(ObjectStore):
         return meta if isinstance(meta, dict) and meta.get("key") == key else {}
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="meta-", suffix=".tmp")
+        fd, tmp = _create_temp(self._tmp, "meta-")
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
                 if self._fsync:
                     out.flush()
                     os.fsync(out.fileno())
-            self._replace_into(Path(tmp_name), path, key=None)
+            self._replace_into(tmp, path, key=None)
         except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def _clashes(self, path: Path) -> bool:
@@ -628,7 +642,7 @@ class LocalObjectStore(ObjectStore):
         folder = path.parent
         while folder != self.root and folder.is_relative_to(self.root):
             try:
-                mode = folder.lstat().st_mode
+                mode = folder.stat().st_mode
             except OSError:
                 folder = folder.parent
                 continue
@@ -673,7 +687,7 @@ class LocalObjectStore(ObjectStore):
         user = _user_metadata(metadata)
         ctype = _content_type(content_type)
         digest = _Digest(on_chunk)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-", suffix=".tmp")
+        fd, tmp = _create_temp(self._tmp, "put-")
         meta_path = self._meta_path(key)
         meta_written = False
         try:
@@ -693,9 +707,9 @@ class LocalObjectStore(ObjectStore):
             }
             self._write_atomically(meta_path, json.dumps(sidecar, sort_keys=True).encode())
             meta_written = True
-            self._replace_into(Path(tmp_name), path, key=key)
+            self._replace_into(tmp, path, key=key)
         except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             if meta_written:
                 meta_path.unlink(missing_ok=True)
             raise
@@ -1169,10 +1183,11 @@ def _read_body(key: str, body: Any) -> Iterator[bytes]:
 
 
 def _is_not_found(exc: Exception) -> bool:
+    # By code, not by HTTP status: a missing bucket is a 404 too, and must not pass for a
+    # missing object. HEAD responses have no body, so their code is just "404"; a HEAD on a
+    # missing bucket therefore does read as "no such object".
     response: Any = getattr(exc, "response", {})
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("404", "NoSuchKey", "NotFound") or status == 404
+    return str(response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
 
 
 # Factory -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ _ORG_RE: Final = re.compile(ORG_PATTERN)
 _FILE_RE: Final = re.compile(ID_PATTERNS[IdKind.FILE])
 _JOB_RE: Final = re.compile(ID_PATTERNS[IdKind.JOB])
 _UPLOAD_RE: Final = re.compile(ID_PATTERNS[IdKind.UPLOAD])
-_PART_RE: Final = re.compile(r"^part-[0-9a-z]{1,64}$")
+_PART_RE: Final = re.compile(ID_PATTERNS[IdKind.PART])
 EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
 CHECKPOINT_DIGITS: Final = 10
 MANIFEST_NAME: Final = "manifest.json"
@@ -66,11 +66,18 @@ class StorageLayout:
         """Key of an uploaded file's metadata; its presence makes the file visible."""
         return f"{self.file_key(org, file_id)}.meta.json"
 
+    def upload_prefix(self, org: str, upload_id: str) -> str:
+        """Folder of a multi-request upload: its state and its parts."""
+        return f"{self.org_prefix(org)}uploads/{_check(upload_id, _UPLOAD_RE, 'upload id')}/"
+
+    def upload_state_key(self, org: str, upload_id: str) -> str:
+        """Key of an upload's state (filename, declared size, status)."""
+        return f"{self.upload_prefix(org, upload_id)}upload.json"
+
     def upload_part_key(self, org: str, upload_id: str, part_id: str) -> str:
         """Key of one part of a multi-request upload (the Uploads API)."""
-        upload = _check(upload_id, _UPLOAD_RE, "upload id")
         part = _check(part_id, _PART_RE, "part id")
-        return f"{self.org_prefix(org)}uploads/{upload}/{part}"
+        return f"{self.upload_prefix(org, upload_id)}{part}"
 
     # Jobs --------------------------------------------------------------------------------
     def job_prefix(self, org: str, job_id: str) -> str:

@@ -330,7 +330,7 @@ class ObjectStoreContract:
         with pytest.raises(TypeError):
             store.put_stream(backend.key("t"), io.StringIO("text"))  # type: ignore[arg-type]
         with pytest.raises(TypeError):
-            store.put_stream(backend.key("t"), iter(["text"]))  # type: ignore[list-item]
+            store.put_stream(backend.key("t"), iter(["text"]))  # type: ignore[arg-type]
         assert not store.exists(backend.key("t"))
 
     def test_tampered_object_fails_verification(self, backend: Backend, tmp_path: Path) -> None:

@@ -27,10 +27,11 @@ from kubetune_api.deps import Services
 from kubetune_api.errors import PayloadTooLarge, ServiceUnavailable, install_error_handlers
 from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from kubetune_api.ratelimit import RateLimiter
-from kubetune_api.routers import files, fine_tuning, models
+from kubetune_api.routers import files, fine_tuning, models, uploads
 from kubetune_api.services.files import FileService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
+from kubetune_api.services.uploads import UploadService
 
 log = logging.getLogger("kubetune.api")
 UPLOAD_PATHS = ("/v1/files", "/v1/uploads")
@@ -88,6 +89,7 @@ def build_services(settings: Settings) -> Services:
         files=file_service,
         jobs=job_service,
         models=ModelService(backend, job_service),
+        uploads=UploadService(settings, store, file_service),
         limiter=RateLimiter(settings.api.requests_per_minute),
     )
 
@@ -156,6 +158,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
+    app.include_router(uploads.router)
     return app
 
 

@@ -16,6 +16,7 @@ from kubetune_api.ratelimit import RateLimiter
 from kubetune_api.services.files import FileService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
+from kubetune_api.services.uploads import UploadService
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Services:
     files: FileService
     jobs: JobService
     models: ModelService
+    uploads: UploadService
     limiter: RateLimiter
 
 

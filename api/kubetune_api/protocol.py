@@ -104,6 +104,54 @@ class DeleteFileResponse(Wire):
 
 
 # ---------------------------------------------------------------------------------------------
+# Uploads (files larger than one request)
+# ---------------------------------------------------------------------------------------------
+
+
+class CreateUploadRequest(BaseModel):
+    """``CreateUploadRequest``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    purpose: Literal["assistants", "batch", "fine-tune", "vision"]
+    bytes: int = Field(ge=1)
+    mime_type: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class CompleteUploadRequest(BaseModel):
+    """``CompleteUploadRequest``: the parts, in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    part_ids: list[str] = Field(min_length=1, max_length=10_000)
+    md5: str | None = None
+
+
+class Upload(Wire):
+    """The ``upload`` object."""
+
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: OpenAIFile | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class UploadPart(Wire):
+    """The ``upload.part`` object."""
+
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+
+# ---------------------------------------------------------------------------------------------
 # Fine-tuning jobs: requests
 # ---------------------------------------------------------------------------------------------
 

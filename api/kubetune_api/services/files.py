@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from kubetune.datasets import JsonlValidator
@@ -76,10 +76,10 @@ class FileService:
                 return results
             raise NotFound(f"No such File object: {file_id}", param=param) from None
 
-    def upload(
-        self, principal: Principal, *, filename: str, purpose: str, stream: BinaryIO
-    ) -> OpenAIFile:
-        """Store an uploaded JSONL file; reject it (storing nothing) if it is invalid."""
+    def check_new_file(
+        self, principal: Principal, *, filename: str, purpose: str, param: str = "file"
+    ) -> None:
+        """Refuse an upload before reading it: purpose, file type, the org's file count."""
         if purpose != FilePurpose.FINE_TUNE.value:
             raise InvalidRequest(
                 f"Invalid purpose '{purpose}': this service accepts 'fine-tune' uploads only.",
@@ -88,7 +88,7 @@ class FileService:
         if not filename.lower().endswith(".jsonl"):
             raise InvalidRequest(
                 f"Invalid file '{filename}': fine-tuning files must be JSONL (.jsonl).",
-                param="file",
+                param=param,
             )
         if self._count(principal.org) >= self.settings.limits.max_files_per_org:
             raise Conflict(
@@ -96,6 +96,27 @@ class FileService:
                 "files; delete some before uploading more.",
                 code="file_limit_reached",
             )
+
+    def upload(
+        self, principal: Principal, *, filename: str, purpose: str, stream: BinaryIO
+    ) -> OpenAIFile:
+        """Store an uploaded JSONL file; reject it (storing nothing) if it is invalid."""
+        self.check_new_file(principal, filename=filename, purpose=purpose)
+        return to_openai(self.store_validated(principal, filename=filename, stream=stream))
+
+    def store_validated(
+        self,
+        principal: Principal,
+        *,
+        filename: str,
+        stream: BinaryIO | Iterable[bytes],
+        param: str = "file",
+    ) -> FileMeta:
+        """Stream bytes to a new file while validating and hashing them in the same pass.
+
+        The metadata object is written last, only for a valid file: until then the file is
+        neither listed nor usable, and an invalid one is deleted before the error is raised.
+        """
         file_id = new_file_id()
         key = self.layout.file_key(principal.org, file_id)
         default_model = self.settings.models[0] if self.settings.models else None
@@ -116,7 +137,7 @@ class FileService:
         report = validator.finish()
         if not report.valid:
             self.store.delete(key)
-            raise InvalidRequest(report.error_message(), param="file", code="invalid_file_format")
+            raise InvalidRequest(report.error_message(), param=param, code="invalid_file_format")
         meta = FileMeta(
             id=file_id,
             org=principal.org,
@@ -128,10 +149,9 @@ class FileService:
             status=FileStatus.PROCESSED,
             stats=report.model_dump(mode="json"),
         )
-        # Written last: until this object exists the file is not listed nor usable.
         self.store.put_json(self._meta_key(principal.org, file_id), meta.model_dump(mode="json"))
         FILES_CREATED.labels(purpose=meta.purpose.value).inc()
-        return to_openai(meta)
+        return meta
 
     def _meta_ids(self, org: str) -> list[str]:
         prefix = self.layout.files_prefix(org)
