@@ -46,4 +46,6 @@ class FileMeta(BaseModel):
     object_key: str | None = None
     # The validation report (format, example/token counts, duplicates, warnings).
     stats: dict[str, Any] = Field(default_factory=dict)
+    # Whose tokenizer counted ``stats["n_tokens"]`` (None: not counted).
+    tokens_model: str | None = None
     job_id: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 from enum import StrEnum
 from typing import Final
@@ -48,13 +49,45 @@ def _base36(value: int, width: int) -> str:
     return "".join(reversed(digits)).rjust(width, "0")[-width:]
 
 
+class _MonotonicBodies:
+    """Id bodies that strictly increase within this process, even within one millisecond.
+
+    Several events written in the same millisecond must still list in the order they were
+    made; as ULIDs do, a body made in the same (or an earlier, if the clock stepped back)
+    millisecond as the previous one reuses its time and increments its random part.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_random = 0
+
+    def next(self, now_ms: int) -> str:
+        with self._lock:
+            if now_ms <= self._last_ms:
+                now_ms = self._last_ms
+                random_part = self._last_random + 1
+            else:
+                random_part = secrets.randbelow(36**_RANDOM_WIDTH // 2)
+            self._last_ms, self._last_random = now_ms, random_part
+        return _base36(now_ms, _TIME_WIDTH) + _base36(random_part, _RANDOM_WIDTH)
+
+
+_BODIES = _MonotonicBodies()
+
+
 def new_id(kind: IdKind, *, now_ms: int | None = None) -> str:
-    """Return a new, time-ordered id of the given kind, e.g. ``ftjob-0mhx5k2ab3c…``."""
-    millis = int(time.time() * 1000) if now_ms is None else now_ms
-    body = _base36(millis, _TIME_WIDTH) + "".join(
-        secrets.choice(_ALPHABET) for _ in range(_RANDOM_WIDTH)
-    )
-    return f"{kind.value}-{body}"
+    """Return a new, time-ordered id of the given kind, e.g. ``ftjob-0mhx5k2ab3c…``.
+
+    Ids made by one process strictly increase; ids from different processes are ordered by
+    their millisecond.
+    """
+    if now_ms is not None:  # an explicit time (tests) gets an independent random part
+        body = _base36(now_ms, _TIME_WIDTH) + _base36(
+            secrets.randbelow(36**_RANDOM_WIDTH), _RANDOM_WIDTH
+        )
+        return f"{kind.value}-{body}"
+    return f"{kind.value}-{_BODIES.next(int(time.time() * 1000))}"
 
 
 def new_file_id() -> str:

@@ -223,6 +223,14 @@ def test_a_file_that_changes_during_upload_is_not_published(s3, make_store, ns):
     assert raw.list_objects_v2(Bucket=s3.bucket, Prefix=ns)["KeyCount"] == 0
 
 
+def test_staging_objects_a_crash_left_behind_are_never_listed(s3, make_store, ns):
+    store = make_store()
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{ns}.kubetune/staging/0123abcd", Body=b"x")
+    store.put_bytes(f"{ns}real", b"y")
+    assert [i.key for i in store.list(ns)] == [f"{ns}real"]
+    assert not any(".kubetune" in i.key for i in store.list(""))
+
+
 def test_copies_beyond_copy_part_size_go_in_ranges(s3, make_store, ns):
     store = make_store(copy_part_size=PART)
     calls = record_calls(store)

@@ -73,3 +73,9 @@ def test_short_id_comes_from_the_random_tail():
     b = new_id(IdKind.JOB, now_ms=1_700_000_000_000)
     assert len(short_id(a)) == 8
     assert short_id(a) != short_id(b)
+
+
+def test_ids_made_in_one_process_strictly_increase():
+    ids = [new_event_id() for _ in range(5000)]  # many share a millisecond
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)

@@ -148,6 +148,9 @@ class FileService:
             sha256=result.sha256_hex,
             status=FileStatus.PROCESSED,
             stats=report.model_dump(mode="json"),
+            tokens_model=default_model.id
+            if report.n_tokens is not None and default_model
+            else None,
         )
         self.store.put_json(self._meta_key(principal.org, file_id), meta.model_dump(mode="json"))
         FILES_CREATED.labels(purpose=meta.purpose.value).inc()

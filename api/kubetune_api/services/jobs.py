@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.datasets import DatasetFormat, format_mismatch_message
+from kubetune.datasets import DatasetFormat, format_mismatch_message, validate_jsonl
 from kubetune.events import JobEvent, page_newest_first, read_events, write_control_events
 from kubetune.files import FileMeta, FilePurpose
 from kubetune.finetunejob import (
@@ -45,6 +45,7 @@ from kubetune_api.protocol import (
 )
 from kubetune_api.services.files import FileService
 from kubetune_api.services.views import api_status, job_to_openai
+from kubetune_api.tokens import token_counter
 
 
 class JobService:
@@ -168,6 +169,24 @@ class JobService:
             job_id=job_id,
         )
 
+    def _count_tokens(self, principal: Principal, meta: FileMeta, base: str) -> int | None:
+        """Tokens in a training file as the job's base model counts them.
+
+        Uploads are counted with the first catalogue model's tokenizer; a job on another base
+        model re-reads the file once (streamed) with its own tokenizer.
+        """
+        if meta.tokens_model == base:
+            tokens = meta.stats.get("n_tokens")
+            return int(tokens) if tokens is not None else None
+        count = token_counter(self.base_model(base))
+        if count is None:
+            return None
+        _, chunks = self.files.content(principal, meta.id)
+        report = validate_jsonl(
+            chunks, count_tokens=count, max_line_bytes=self.settings.limits.max_line_bytes
+        )
+        return report.n_tokens
+
     # -- create ----------------------------------------------------------------------------
     def _spec_from_request(
         self, principal: Principal, req: CreateFineTuningJobRequest, base: str
@@ -253,6 +272,20 @@ class JobService:
             JOBS_CREATED.labels(method=spec.method.type.value).inc()
             self._event(stored, f"Created fine-tuning job: {job_id}")
             self._event(stored, f"Validating training file: {spec.training_file}")
+            tokens = self._count_tokens(principal, training, base)
+            if tokens is not None:
+                epochs = spec.method.hyperparameters.n_epochs or 1
+                self._event(
+                    stored,
+                    f"Training file has {n_examples} examples and {tokens} tokens ({base} "
+                    f"tokenizer); about {tokens * epochs} tokens will be trained over "
+                    f"{epochs} epochs",
+                    data={
+                        "n_examples": n_examples,
+                        "n_tokens": tokens,
+                        "estimated_trained_tokens": tokens * epochs,
+                    },
+                )
         return job_to_openai(stored)
 
     # -- read ------------------------------------------------------------------------------

@@ -163,6 +163,29 @@ def test_cancel_pause_resume_and_conflicts(api, training_file):
         client.fine_tuning.jobs.pause(job.id)
 
 
+def test_token_counts_use_the_base_models_tokenizer(api, training_file, tiny_tokenizer):
+    from tokenizers import Tokenizer
+
+    from kubetune.datasets import validate_jsonl
+
+    tokenizer = Tokenizer.from_file(str(tiny_tokenizer))
+    expected = validate_jsonl(
+        [chat_file(10)],
+        count_tokens=lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids),
+    ).n_tokens
+    assert expected
+    client = api.client()
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    events = client.fine_tuning.jobs.list_events(job.id, limit=10).data
+    estimate = next(e for e in events if "tokens" in e.message)
+    assert estimate.data["n_tokens"] == expected
+    assert estimate.data["estimated_trained_tokens"] == expected * job.hyperparameters.n_epochs
+    # A base model without a tokenizer configured gets no estimate rather than a wrong one.
+    other = client.fine_tuning.jobs.create(model="tiny-llama-2", training_file=training_file)
+    events = client.fine_tuning.jobs.list_events(other.id, limit=10).data
+    assert not [e for e in events if "tokens" in e.message]
+
+
 def test_events_newest_first_with_pagination(api, training_file):
     client = api.client()
     job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
@@ -173,8 +196,10 @@ def test_events_newest_first_with_pagination(api, training_file):
     assert page.has_more
     assert page.data[0].message == "Fine-tuning job cancelled"
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1)]
-    assert messages == [
-        "Fine-tuning job cancelled",
+    assert len(messages) == 4
+    assert messages[0] == "Fine-tuning job cancelled"
+    assert messages[1].startswith("Training file has 10 examples and ")
+    assert messages[2:] == [
         f"Validating training file: {training_file}",
         f"Created fine-tuning job: {job.id}",
     ]
