@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api.auth import hash_key, new_api_key
+from tests.harness.openapi import check_response
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 
@@ -27,29 +28,126 @@ class ApiServer:
     backend: str
     _proc: ServerProcess = field(repr=False)
 
+    schema_violations: list[str] = field(default_factory=list)
+    responses_checked: int = 0
+
+    def _record(self, method: str, path: str, status: int, ctype: str, body: bytes) -> None:
+        self.responses_checked += 1
+        try:
+            check_response(method, path, status, ctype, body)
+        except AssertionError as exc:
+            self.schema_violations.append(str(exc))
+
     def client(self, org: str = "acme", **kwargs: Any) -> Any:
-        """The official OpenAI SDK client for ``org``."""
+        """The official OpenAI SDK client for ``org``; every response it receives is checked
+        against OpenAI's schemas (see ``schema_violations``)."""
         import openai
 
+        def hook(response: Any) -> None:
+            response.read()
+            request = response.request
+            self._record(
+                request.method,
+                request.url.path,
+                response.status_code,
+                response.headers.get("content-type", ""),
+                response.content,
+            )
+
+        http_client = openai.DefaultHttpxClient(event_hooks={"response": [hook]})
         return openai.OpenAI(
-            base_url=f"{self.base_url}/v1", api_key=self.keys[org], max_retries=0, **kwargs
+            base_url=f"{self.base_url}/v1",
+            api_key=self.keys[org],
+            max_retries=0,
+            http_client=http_client,
+            **kwargs,
         )
 
     def async_client(self, org: str = "acme", **kwargs: Any) -> Any:
-        """The official async OpenAI SDK client for ``org``."""
+        """The official async OpenAI SDK client for ``org``, checked like :meth:`client`."""
         import openai
 
+        async def hook(response: Any) -> None:
+            await response.aread()
+            request = response.request
+            self._record(
+                request.method,
+                request.url.path,
+                response.status_code,
+                response.headers.get("content-type", ""),
+                response.content,
+            )
+
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks={"response": [hook]})
         return openai.AsyncOpenAI(
-            base_url=f"{self.base_url}/v1", api_key=self.keys[org], max_retries=0, **kwargs
+            base_url=f"{self.base_url}/v1",
+            api_key=self.keys[org],
+            max_retries=0,
+            http_client=http_client,
+            **kwargs,
         )
 
     def log_tail(self) -> str:
         """What the server printed last."""
         return self._proc.log_tail()
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (for reading its memory from ``/proc``)."""
+        return self._proc.proc.pid
+
     def stop(self) -> None:
         """Stop the server."""
         self._proc.stop()
+
+
+def catalogue_env(tokenizer: Path | None = None) -> str:
+    """``KUBETUNE_MODELS``: ``tiny-llama`` (counting tokens with ``tokenizer`` if given) and
+    ``tiny-llama-2``.
+    """
+    first: dict[str, Any] = {"id": "tiny-llama", "owned_by": "kubetune", "created": 1_700_000_000}
+    if tokenizer is not None:
+        first["tokenizer"] = str(tokenizer)
+    first["context_length"] = 512
+    second = {"id": "tiny-llama-2", "owned_by": "kubetune", "created": 1_700_000_001}
+    return json.dumps([first, second])
+
+
+def backend_env(
+    backend: str,
+    *,
+    tokenizer: Path | None = None,
+    s3_env: dict[str, str] | None = None,
+    kubeconfig: Path | None = None,
+    namespace: str = "kubetune-api",
+    prefix: str = "api-tests",
+) -> dict[str, str]:
+    """The settings env of the API on ``backend`` ("local": SQLite + a local folder;
+    "kubernetes": the apiserver at ``kubeconfig`` + the S3 server of ``s3_env``), with the
+    per-org limits raised: callers that make many requests test those limits on their own.
+    """
+    env = {
+        "KUBETUNE_MODELS": catalogue_env(tokenizer),
+        "KUBETUNE_LIMITS__MAX_ACTIVE_JOBS_PER_ORG": "1000",
+        "KUBETUNE_API__REQUESTS_PER_MINUTE": "100000",
+    }
+    if backend == "local":
+        env.update({"KUBETUNE_MODE": "local", "KUBETUNE_OBJECT_STORE__BACKEND": "local"})
+    elif backend == "kubernetes":
+        if s3_env is None or kubeconfig is None:
+            raise ValueError("the kubernetes backend needs s3_env and kubeconfig")
+        env.update(
+            {
+                **s3_env,
+                "KUBETUNE_MODE": "kubernetes",
+                "KUBETUNE_OBJECT_STORE__PREFIX": prefix,
+                "KUBETUNE_KUBERNETES__KUBECONFIG": str(kubeconfig),
+                "KUBETUNE_KUBERNETES__NAMESPACE": namespace,
+            }
+        )
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    return env
 
 
 def start_api(data_dir: Path, env: dict[str, str], backend: str) -> ApiServer:

@@ -58,3 +58,78 @@ def validate(schema_name: str, payload: Any) -> None:
     spec = _spec()
     schema = {"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]}
     Draft202012Validator(schema).validate(payload)
+
+
+# The error envelope: OpenAI's document does not define it in this subset, so it is spelled
+# out here as the SDK reads it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_JOB = r"/v1/fine_tuning/jobs/[^/]+"
+_ROUTES: list[tuple[str, str, str]] = [
+    ("POST", r"/v1/files", "OpenAIFile"),
+    ("GET", r"/v1/files", "ListFilesResponse"),
+    ("GET", r"/v1/files/[^/]+", "OpenAIFile"),
+    ("DELETE", r"/v1/files/[^/]+", "DeleteFileResponse"),
+    ("POST", r"/v1/uploads", "Upload"),
+    ("POST", r"/v1/uploads/[^/]+/parts", "UploadPart"),
+    ("POST", r"/v1/uploads/[^/]+/(complete|cancel)", "Upload"),
+    ("POST", r"/v1/fine_tuning/jobs", "FineTuningJob"),
+    ("GET", r"/v1/fine_tuning/jobs", "ListPaginatedFineTuningJobsResponse"),
+    ("GET", _JOB, "FineTuningJob"),
+    ("POST", _JOB + r"/(cancel|pause|resume)", "FineTuningJob"),
+    ("GET", _JOB + r"/events", "ListFineTuningJobEventsResponse"),
+    ("GET", _JOB + r"/checkpoints", "ListFineTuningJobCheckpointsResponse"),
+    ("GET", r"/v1/models", "ListModelsResponse"),
+    ("GET", r"/v1/models/.+", "Model"),
+    ("DELETE", r"/v1/models/.+", "DeleteModelResponse"),
+]
+
+
+def schema_for(method: str, path: str) -> str | None:
+    """The OpenAPI schema name of a successful JSON response to ``method path``."""
+    import re
+
+    for route_method, pattern, schema in _ROUTES:
+        if route_method == method and re.fullmatch(pattern, path):
+            return schema
+    return None
+
+
+def check_response(method: str, path: str, status: int, content_type: str, body: bytes) -> None:
+    """Validate one HTTP response of the API: success bodies against OpenAI's schemas, error
+    bodies against the error envelope. Raises AssertionError naming the route on a mismatch."""
+    import json
+
+    from jsonschema import ValidationError
+
+    if "application/json" not in content_type:
+        assert status < 300, (method, path, status, content_type)
+        assert path.endswith("/content"), (method, path, status, content_type)
+        return
+    payload = json.loads(body)
+    try:
+        if status >= 400:
+            Draft202012Validator(ERROR_SCHEMA).validate(payload)
+            return
+        schema = schema_for(method, path)
+        assert schema is not None, f"no schema known for {method} {path}"
+        validate(schema, payload)
+    except ValidationError as exc:
+        raise AssertionError(
+            f"{method} {path} ({status}) breaks its schema: {exc.message}"
+        ) from exc

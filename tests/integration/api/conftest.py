@@ -210,11 +210,16 @@ def kube_api_server(
 
 
 @pytest.fixture(params=["local", pytest.param("kubernetes", marks=pytest.mark.cluster)])
-def api(request: pytest.FixtureRequest) -> ApiServer:
-    """The live API, once per backend."""
+def api(request: pytest.FixtureRequest) -> Iterator[ApiServer]:
+    """The live API, once per backend. Every response the test's SDK clients receive must
+    match OpenAI's schema (or the error envelope)."""
     name = "local_api" if request.param == "local" else "kube_api_server"
     server: ApiServer = request.getfixturevalue(name)
-    return server
+    server.schema_violations.clear()
+    checked = server.responses_checked
+    yield server
+    assert server.schema_violations == []
+    assert server.responses_checked > checked, "the test's responses were not checked"
 
 
 def settings_of(server: ApiServer) -> Settings:

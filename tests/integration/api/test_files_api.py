@@ -152,9 +152,8 @@ def test_dpo_file_is_accepted_as_a_file(api):
 
 
 def test_missing_or_wrong_key_is_401_in_openai_shape(api):
-    bad = openai.OpenAI(
-        base_url=f"{api.base_url}/v1", api_key="kt-wrong-key-000000000000", max_retries=0
-    )
+    bad = api.client()
+    bad.api_key = "kt-wrong-key-000000000000"
     with pytest.raises(openai.AuthenticationError) as excinfo:
         bad.files.list()
     assert error_of(excinfo)["type"] == "invalid_request_error"
