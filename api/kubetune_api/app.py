@@ -24,7 +24,12 @@ from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key
 from kubetune_api.backends.base import JobBackend
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_api.deps import Services
-from kubetune_api.errors import PayloadTooLarge, ServiceUnavailable, install_error_handlers
+from kubetune_api.errors import (
+    APIError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    install_error_handlers,
+)
 from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from kubetune_api.ratelimit import RateLimiter
 from kubetune_api.routers import files, fine_tuning, models, uploads
@@ -128,7 +133,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             err = PayloadTooLarge(f"Request body of {declared} bytes exceeds {limit} bytes.")
             response: Response = JSONResponse(err.body(), status_code=err.status_code)
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:
+                # Answered here rather than by Starlette's outermost handler, so even a 500
+                # carries the request id that ties it to the server's log line.
+                log.exception(
+                    "unhandled error in %s %s [%s]", request.method, request.url.path, request_id
+                )
+                err = APIError("The server had an error while processing your request.")
+                response = JSONResponse(err.body(), status_code=err.status_code)
         response.headers["x-request-id"] = request_id
         for name, value in getattr(request.state, "rate_limit_headers", {}).items():
             response.headers.setdefault(name, value)
