@@ -102,6 +102,60 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(default=100, ge=1, description="Largest list page for jobs.")
 
 
+class Toleration(BaseModel):
+    """A Kubernetes toleration (spot and GPU node pools are usually tainted)."""
+
+    key: str | None = None
+    operator: str = "Equal"
+    value: str | None = None
+    effect: str | None = None
+
+
+class OperatorSettings(BaseModel):
+    """How the operator turns FineTuneJobs into PyTorchJobs."""
+
+    trainer_image: str = Field(
+        default="ghcr.io/kubetune/trainer:0.1.0", description="Image of the trainer pods."
+    )
+    image_pull_policy: str = Field(default="IfNotPresent", description="For the trainer image.")
+    service_account: str | None = Field(
+        default=None,
+        description="ServiceAccount of trainer pods (workload identity for the object store).",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        description="Secret whose keys become the trainer's environment (e.g. AWS keys, "
+        "WANDB_API_KEY); never copied into a FineTuneJob.",
+    )
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name.")
+    gpu_type_label: str = Field(
+        default="nvidia.com/gpu.product",
+        description="Node label matched against spec.resources.gpuType.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node selector for trainer pods (e.g. a spot pool)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for trainer pods."
+    )
+    priority_class: str | None = Field(default=None, description="PriorityClass of trainers.")
+    backoff_limit: int = Field(
+        default=6, ge=0, description="Pod restarts before the PyTorchJob fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=7 * 24 * 3600, ge=60, description="Longest a job may run."
+    )
+    termination_grace_seconds: int = Field(
+        default=600,
+        ge=30,
+        description="Time a trainer gets after SIGTERM to commit its checkpoint.",
+    )
+    master_port: int = Field(default=23456, ge=1, le=65535, description="torchrun rendezvous.")
+    cpu_request: str = Field(default="4", description="CPU request per trainer pod.")
+    memory_request: str = Field(default="32Gi", description="Memory request per trainer pod.")
+    shm_size: str = Field(default="16Gi", description="Size of /dev/shm (NCCL, dataloaders).")
+
+
 class Settings(BaseSettings):
     """kubetune's settings, read from ``KUBETUNE_*`` environment variables."""
 
@@ -115,6 +169,7 @@ class Settings(BaseSettings):
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
     models: list[BaseModelEntry] = Field(
         default_factory=list, description="The base-model catalogue (JSON in KUBETUNE_MODELS)."
     )
