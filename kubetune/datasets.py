@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from enum import StrEnum
@@ -46,15 +47,18 @@ MAX_ERRORS: Final = 10
 MAX_WARNINGS: Final = 20
 # Below this many characters (after stripping) an assistant reply draws a warning.
 SHORT_REPLY_CHARS: Final = 3
-# Each tracked example costs about 80 bytes (digest object + set slot). Past this many examples
-# new ones are no longer remembered, which bounds the memory of a validation at about 80 MiB.
-MAX_TRACKED_DIGESTS: Final = 1 << 20
+# Duplicates are found through 64-bit digests kept in a table allocated up front (4 MiB), so a
+# validation's memory does not grow with the file. Past 3/4 of the table new examples are no
+# longer remembered (a warning says so); 64-bit digests make a false duplicate among ~400k
+# examples about as likely as one in 10**8 files.
+_DIGEST_TABLE_BITS: Final = 19
+MAX_TRACKED_DIGESTS: Final = (1 << _DIGEST_TABLE_BITS) * 3 // 4
+DIGEST_TABLE_BYTES: Final = 8 << _DIGEST_TABLE_BITS
 _BOM: Final = b"\xef\xbb\xbf"
 # Duplicates are compared in this form, so key order and spacing do not hide them. ASCII output
 # also keeps a lone surrogate (valid in JSON text) encodable. One encoder instance: json.dumps
 # with options builds a new one per call, which costs a third of the encoding time.
 _CANONICAL_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-_DIGEST_SIZE: Final = 16
 _NAME_PATTERN: Final = r"^[a-zA-Z0-9_-]{1,64}$"
 _ROLES_SHOWN: Final = "system, developer, user, assistant, tool"
 
@@ -573,6 +577,35 @@ def _message_text(message: Mapping[str, Any]) -> str:
     return content if isinstance(content, str) else "".join(_texts(content))
 
 
+class _DigestTable:
+    """A set of 64-bit digests with open addressing in one preallocated array."""
+
+    def __init__(self, bits: int = _DIGEST_TABLE_BITS) -> None:
+        self._mask = (1 << bits) - 1
+        # Filled (so touched) now: memory is flat from here on, whatever the file's size.
+        self._slots = array("Q", [0]) * (1 << bits)
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, digest: int) -> bool:
+        """Remember ``digest``; True if it was already there. When full, only look it up."""
+        digest |= 1  # 0 marks an empty slot
+        slots, mask = self._slots, self._mask
+        index = digest & mask
+        while True:
+            current = slots[index]
+            if current == digest:
+                return True
+            if current == 0:
+                if self.size < MAX_TRACKED_DIGESTS:
+                    slots[index] = digest
+                    self.size += 1
+                return False
+            index = (index + 1) & mask
+
+
 class JsonlValidator:
     """Validate a JSONL file fed in chunks of any size, in one pass and constant memory.
 
@@ -619,7 +652,7 @@ class JsonlValidator:
         self._n_assistant_tokens = 0
         self._min_tokens: int | None = None
         self._max_tokens: int | None = None
-        self._digests: set[bytes] = set()
+        self._digests = _DigestTable()
         self._n_duplicates = 0
         self._first_duplicate: int | None = None
         self._file_errors: list[DatasetError] = []
@@ -794,13 +827,11 @@ class JsonlValidator:
     def _accept(self, example: dict[str, Any], fmt: DatasetFormat) -> None:
         self._n_examples += 1
         canonical = _CANONICAL_JSON.encode(example).encode()
-        digest = hashlib.blake2b(canonical, digest_size=_DIGEST_SIZE).digest()
-        if digest in self._digests:
+        digest = hashlib.blake2b(canonical, digest_size=8).digest()
+        if self._digests.add(int.from_bytes(digest, "little")):
             self._n_duplicates += 1
             if self._first_duplicate is None:
                 self._first_duplicate = self._line_no
-        elif len(self._digests) < MAX_TRACKED_DIGESTS:
-            self._digests.add(digest)
 
         if fmt is DatasetFormat.CHAT:
             tokens, learnt = self._conversation(example["messages"], "messages", learn=True)
