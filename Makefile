@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format crds test-deps clean
+.PHONY: help venv test test-fast lint format crds test-deps bench-api clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,12 +36,15 @@ test-fast: $(STAMP) ## Run the tests that need no cluster
 lint: $(STAMP) ## ruff, mypy and the import-linter contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy $(SRC) tests
+	$(VENV)/bin/mypy $(SRC) tests benchmarks
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench-api: test-deps ## Benchmark the API on both backends (writes benchmarks/results/api.json)
+	$(PY) benchmarks/api_bench.py
 
 crds: $(STAMP) ## Regenerate the CRD YAML from the pydantic models
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml

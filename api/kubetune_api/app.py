@@ -12,8 +12,10 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -110,6 +112,27 @@ def _body_limit(settings: Settings, path: str) -> int:
     return settings.api.max_json_body_bytes
 
 
+def _openapi_document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document as the API behaves: bearer auth everywhere, and no 422s (request
+    validation errors are answered as 400 in OpenAI's envelope).
+    """
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.setdefault("components", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    components["securitySchemes"] = {"ApiKeyAuth": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"ApiKeyAuth": []}]
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     """The kubetune API as an ASGI app."""
     settings = settings or Settings()
@@ -141,8 +164,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 log.exception(
                     "unhandled error in %s %s [%s]", request.method, request.url.path, request_id
                 )
-                err = APIError("The server had an error while processing your request.")
-                response = JSONResponse(err.body(), status_code=err.status_code)
+                failure = APIError("The server had an error while processing your request.")
+                response = JSONResponse(failure.body(), status_code=failure.status_code)
         response.headers["x-request-id"] = request_id
         for name, value in getattr(request.state, "rate_limit_headers", {}).items():
             response.headers.setdefault(name, value)
@@ -169,6 +192,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)

@@ -27,6 +27,7 @@ from kubetune_api.backends.base import (
     JobBackend,
     JobPage,
 )
+from kubetune_api.backends.jobcache import JobCache
 from kubetune_api.errors import NotFound, ServiceUnavailable, job_not_found
 
 
@@ -38,7 +39,7 @@ def idempotency_label(org: str, key: str) -> str:
 class KubernetesJobBackend(JobBackend):
     """FineTuneJobs in one namespace, through the Kubernetes API."""
 
-    def __init__(self, api_client: Any, namespace: str) -> None:
+    def __init__(self, api_client: Any, namespace: str, *, use_cache: bool = True) -> None:
         from kubernetes import client
 
         self._api: Any = client.CustomObjectsApi(api_client)
@@ -46,6 +47,7 @@ class KubernetesJobBackend(JobBackend):
         self.namespace = namespace
         # Serializes idempotent creates in this replica; see create().
         self._create_lock = threading.Lock()
+        self._cache = JobCache(self._api, namespace) if use_cache else None
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -65,6 +67,20 @@ class KubernetesJobBackend(JobBackend):
     def _parse(self, obj: dict[str, Any], org: str) -> FineTuneJob | None:
         job = FineTuneJob.from_manifest(obj)
         return job if job.spec.org == org else None
+
+    def _org_jobs(self, org: str) -> list[FineTuneJob]:
+        """The org's jobs from the cache when it is current, else from the apiserver."""
+        snapshot = self._call(self._cache.snapshot) if self._cache is not None else None
+        if snapshot is None:
+            return self._list_org(org)
+        return [
+            j for j in snapshot if j.spec.org == org and j.metadata.labels.get(LABEL_ORG) == org
+        ]
+
+    def _remember(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self._cache is not None:
+            self._cache.upsert(obj)
+        return obj
 
     def _list_org(self, org: str, extra_selector: str = "") -> list[FineTuneJob]:
         selector = f"{LABEL_ORG}={org}" + (f",{extra_selector}" if extra_selector else "")
@@ -90,13 +106,15 @@ class KubernetesJobBackend(JobBackend):
         labels = manifest["metadata"].setdefault("labels", {})
         labels[LABEL_ORG] = job.spec.org
         if idempotency_key is None:
-            created = self._call(
-                self._api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                manifest,
+            created = self._remember(
+                self._call(
+                    self._api.create_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    manifest,
+                )
             )
             return FineTuneJob.from_manifest(created), True
         label = idempotency_label(job.spec.org, idempotency_key)
@@ -108,13 +126,15 @@ class KubernetesJobBackend(JobBackend):
             manifest["metadata"].setdefault("annotations", {})[ANNOTATION_IDEMPOTENCY_KEY] = (
                 idempotency_key[:256]
             )
-            created = self._call(
-                self._api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                manifest,
+            created = self._remember(
+                self._call(
+                    self._api.create_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    manifest,
+                )
             )
         return FineTuneJob.from_manifest(created), True
 
@@ -139,7 +159,7 @@ class KubernetesJobBackend(JobBackend):
         """See :meth:`JobBackend.list`. The apiserver cannot sort, so the org's jobs are
         listed by label and paged here (ids sort by creation time).
         """
-        jobs = sorted(self._list_org(org), key=lambda j: j.metadata.name, reverse=True)
+        jobs = sorted(self._org_jobs(org), key=lambda j: j.metadata.name, reverse=True)
         if after is not None:
             jobs = [j for j in jobs if j.metadata.name < after]
         if metadata:
@@ -152,7 +172,7 @@ class KubernetesJobBackend(JobBackend):
         """See :meth:`JobBackend.count_active`."""
         return sum(
             1
-            for j in self._list_org(org)
+            for j in self._org_jobs(org)
             if not j.spec.cancel and not is_terminal(j.status.phase if j.status else None)
         )
 
@@ -166,7 +186,7 @@ class KubernetesJobBackend(JobBackend):
             if status
             else self._api.patch_namespaced_custom_object
         )
-        obj = self._call(fn, GROUP, VERSION, self.namespace, PLURAL, job_id, body)
+        obj = self._remember(self._call(fn, GROUP, VERSION, self.namespace, PLURAL, job_id, body))
         return FineTuneJob.from_manifest(obj)
 
     def patch_spec(

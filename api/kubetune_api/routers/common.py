@@ -11,9 +11,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Invalid request",
         401: "Missing or invalid API key",
+        403: "Not allowed (e.g. deleting a base model)",
         404: "Not found",
         409: "Invalid state for this operation",
         413: "Payload too large",
         429: "Rate limit exceeded",
+        503: "A dependency (Kubernetes API, object store) is unavailable",
     }.items()
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -62,7 +63,14 @@ def delete_file(principal: PrincipalDep, services: ServicesDep, file_id: str) ->
     "/{file_id}/content",
     operation_id="downloadFile",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            }
+        }
+    },
 )
 def file_content(principal: PrincipalDep, services: ServicesDep, file_id: str) -> StreamingResponse:
     """The file's bytes, streamed."""
@@ -72,7 +80,13 @@ def file_content(principal: PrincipalDep, services: ServicesDep, file_id: str) -
         chunks,
         media_type=media,
         headers={
-            "content-disposition": f'attachment; filename="{meta.filename}"',
+            "content-disposition": content_disposition(meta.filename),
             "content-length": str(meta.bytes),
         },
     )
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any filename: an ASCII fallback plus RFC 6266's UTF-8 form."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -85,6 +85,10 @@ class FileService:
                 f"Invalid purpose '{purpose}': this service accepts 'fine-tune' uploads only.",
                 param="purpose",
             )
+        if any(ord(c) < 32 or ord(c) == 127 for c in filename) or "/" in filename:
+            raise InvalidRequest(
+                "Invalid file name: control characters and '/' are not allowed.", param=param
+            )
         if not filename.lower().endswith(".jsonl"):
             raise InvalidRequest(
                 f"Invalid file '{filename}': fine-tuning files must be JSONL (.jsonl).",
