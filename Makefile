@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		|| { echo "kubetune needs Python 3.11 or newer"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[api,operator,dev]'
+	$(PY) -m pip install --quiet -e '.[api,operator,dev,trainer,tracking]'
 	@touch $@
 
 venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need

@@ -86,6 +86,13 @@ class BaseModelEntry(BaseModel):
         description="Folder or tokenizer.json of the model's tokenizer, for token counts.",
     )
     context_length: int = Field(default=4096, ge=16, description="Longest sequence in tokens.")
+    path: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Where the trainer finds the model's Hugging Face weights and tokenizer: a "
+        "local folder (e.g. a volume mounted in the trainer pod), or 'store:<key prefix>' for a "
+        "folder in the shared object store.",
+    )
 
 
 class ApiSettings(BaseModel):
@@ -154,6 +161,34 @@ class OperatorSettings(BaseModel):
     cpu_request: str = Field(default="4", description="CPU request per trainer pod.")
     memory_request: str = Field(default="32Gi", description="Memory request per trainer pod.")
     shm_size: str = Field(default="16Gi", description="Size of /dev/shm (NCCL, dataloaders).")
+    trainer_metrics_port: int | None = Field(
+        default=9400,
+        ge=0,
+        le=65535,
+        description="Prometheus port of the trainer's rank 0, written into each trainer config "
+        "(0: any free port, for hosts that run several trainers; None: no endpoint).",
+    )
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="Port of the operator's /metrics and /healthz."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address /metrics listens on.")  # noqa: S104 - scraped from other pods
+    reconcile_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest time between two reconciles of an active job (changes of the job "
+        "or its PyTorchJob are reconciled at once).",
+    )
+    progress_seconds: float = Field(
+        default=15.0, gt=0, description="How often a running job's trainer events are read."
+    )
+    peering: str | None = Field(
+        default=None,
+        description="kopf peering object (KopfPeering in the namespace): replicas pause for the "
+        "one with the highest priority. None: standalone, for exactly one replica.",
+    )
+    peering_priority: int | None = Field(
+        default=None, description="This replica's peering priority (None: a random one)."
+    )
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,67 @@
+"""User errors: a documented exit code, not retried, and an error event that says why."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune.events import EventLevel
+from kubetune.objectstore import LocalObjectStore
+from kubetune.settings import ObjectStoreSettings
+from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_trainer import exit_codes
+from kubetune_trainer.main import main
+from tests.trainer.harness import Job, make_job
+from tests.trainer.tiny import jsonl, sft_examples
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """These runs fail before training: run them in this process (no torch import to wait
+    for), with the trainer's SIGTERM handler put back afterwards.
+    """
+    monkeypatch.setenv("KUBETUNE_TRAINER_WORKDIR", str(tmp_path / "scratch"))
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _run(job: Job) -> int:
+    return main(["--config", str(job.config_path)])
+
+
+def test_bad_line_exits_with_the_user_error_code_and_names_the_line(
+    tiny_model: Path, local_store: tuple[LocalObjectStore, ObjectStoreSettings], tmp_path: Path
+) -> None:
+    store, settings = local_store
+    rows = jsonl(sft_examples(5)) + b'{"messages": [{"role": "user", "content": 5}]}\n'
+    job = make_job(store, settings, tiny_model, tmp_path / "job", rows)
+    assert _run(job) == exit_codes.USER_ERROR == 65
+    error = job.events()[-1]
+    assert event_kind(error) is TrainerEventKind.ERROR
+    assert error.level is EventLevel.ERROR
+    assert "line 6" in error.message
+    assert job.config.training_file in error.message
+    assert error.data["user_error"] is True
+    assert error.data["param"] == "training_file"
+
+
+def test_missing_model_weights_are_a_user_error(
+    local_store: tuple[LocalObjectStore, ObjectStoreSettings], tmp_path: Path
+) -> None:
+    store, settings = local_store
+    job = make_job(store, settings, tmp_path / "nowhere", tmp_path / "job", jsonl(sft_examples(5)))
+    assert _run(job) == exit_codes.USER_ERROR
+    error = job.events()[-1]
+    assert error.data["code"] == "model_not_available"
+    assert "tiny-llama" in error.message
+
+
+def test_unreadable_config_is_an_internal_error(tmp_path: Path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"job_id": "nope"}))
+    assert main(["--config", str(bad)]) == exit_codes.INTERNAL_ERROR

@@ -1,0 +1,305 @@
+"""The Trainer callback that reports and checkpoints: events, metrics, results, preemption.
+
+- Every step's logs become one metrics event (validation values join the step they were
+  computed at) and a results row; rank 0 also sets the Prometheus gauges.
+- Every saved checkpoint is uploaded by each node, committed by rank 0 (manifest last),
+  announced with a checkpoint event and pruned to the newest ``keep``.
+- SIGTERM sets a flag; at the end of the step every rank learns whether any rank got it, and
+  then all of them save, commit and stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from kubetune.ids import new_checkpoint_id
+from kubetune.trainer_events import CheckpointEventData, StepMetrics, TrainerEventKind
+from kubetune_trainer.checkpoints import CheckpointStore, write_kubetune_state
+from kubetune_trainer.dist import Topology, any_rank, barrier
+from kubetune_trainer.errors import RetryableError
+from kubetune_trainer.event_log import EventLog
+from kubetune_trainer.manifest import manifest
+from kubetune_trainer.results import Results
+from kubetune_trainer.telemetry import Exporter, memory_bytes, model_flops_utilization
+
+log = logging.getLogger(__name__)
+
+# Fault injection for tests and chaos drills: rank 0 raises SIGTERM on itself after this step.
+FAULT_SIGTERM_AT_STEP_ENV: Final = "KUBETUNE_TRAINER_FAULT_SIGTERM_AT_STEP"
+# Extra keys from TRL's logs, renamed for events (DPO's rewards, entropy).
+_EXTRA_KEYS: Final = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "rewards_margins",
+    "rewards/accuracies": "rewards_accuracies",
+    "entropy": "entropy",
+}
+
+
+@dataclass
+class RunContext:
+    """What the callback needs to know about the run."""
+
+    topology: Topology
+    checkpoints: CheckpointStore
+    events: EventLog | None
+    exporter: Exporter | None
+    run_manifest: dict[str, Any]
+    n_params: int
+    results: Results = field(default_factory=Results)
+    base_eval: dict[str, float] | None = None
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; read at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        """Handle SIGTERM from now on (the default handler would kill us mid-write)."""
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: checkpointing at the end of this step")
+        self.requested = True
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def examples_seen(step: int, batch_size: int, n_examples: int) -> int:
+    """Training examples consumed after ``step`` optimizer steps (the last batch of an epoch
+    may be short).
+    """
+    per_epoch = math.ceil(n_examples / batch_size)
+    epochs, rest = divmod(step, per_epoch)
+    return epochs * n_examples + min(rest * batch_size, n_examples)
+
+
+def eval_summary(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    """The validation numbers of an evaluation's logs, with perplexity (exp of the loss)."""
+    if not metrics or _finite(metrics.get("eval_loss")) is None:
+        return None
+    out = {"valid_loss": float(metrics["eval_loss"])}
+    for key, name in (
+        ("eval_mean_token_accuracy", "valid_mean_token_accuracy"),
+        ("eval_rewards/accuracies", "valid_rewards_accuracies"),
+        ("eval_rewards/margins", "valid_rewards_margins"),
+    ):
+        if _finite(metrics.get(key)) is not None:
+            out[name] = float(metrics[key])
+    if "valid_rewards_margins" not in out:  # a language-model loss (not DPO's) has one
+        out["valid_perplexity"] = math.exp(min(out["valid_loss"], 700.0))
+    return out
+
+
+class KubetuneCallback(TrainerCallback):
+    """Reports and checkpoints a run (see the module docstring)."""
+
+    def __init__(self, ctx: RunContext, flag: PreemptionFlag) -> None:
+        self.ctx = ctx
+        self.flag = flag
+        self.preempted = False
+        self.last_metrics: StepMetrics | None = None
+        self._pending: dict[str, Any] | None = None
+        self._clock: tuple[float, int] | None = None
+        fault = os.environ.get(FAULT_SIGTERM_AT_STEP_ENV)
+        self._fault_step = int(fault) if fault else None
+
+    # -- steps -----------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Start the tokens/s clock."""
+        self._clock = (time.monotonic(), state.num_input_tokens_seen)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Agree on preemption; a requested stop saves this step and ends training."""
+        if self._fault_step == state.global_step and self.ctx.topology.is_main:
+            signal.raise_signal(signal.SIGTERM)
+        if any_rank(self.flag.requested):
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    # -- logs ------------------------------------------------------------------------------
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        """Turn the Trainer's logs into metrics events and results rows (rank 0)."""
+        if not self.ctx.topology.is_main or not logs:
+            return
+        if "eval_loss" in logs:
+            self._on_eval(state, logs)
+        elif "loss" in logs:
+            self._emit_pending()
+            self._pending = self._train_metrics(args, state, logs)
+
+    def _train_metrics(
+        self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]
+    ) -> dict[str, Any]:
+        now, tokens = time.monotonic(), state.num_input_tokens_seen
+        start, start_tokens = self._clock or (now, tokens)
+        self._clock = (now, tokens)
+        rate = (tokens - start_tokens) / (now - start) if now > start else None
+        data: dict[str, Any] = {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "train_loss": _finite(logs.get("loss")),
+            "train_mean_token_accuracy": _finite(logs.get("mean_token_accuracy")),
+            "learning_rate": _finite(logs.get("learning_rate")),
+            "grad_norm": _finite(logs.get("grad_norm")),
+            "tokens_per_second": rate,
+            "trained_tokens": int(tokens),
+            "epoch": _finite(state.epoch),
+            "memory_bytes": memory_bytes(),
+        }
+        if rate is not None:
+            data["mfu"] = model_flops_utilization(self.ctx.n_params, rate, args.world_size)
+        for key, name in _EXTRA_KEYS.items():
+            if key in logs:
+                data[name] = _finite(logs[key])
+        return data
+
+    def _on_eval(self, state: TrainerState, logs: dict[str, float]) -> None:
+        if state.global_step == 0 and self.ctx.base_eval is None:  # eval_on_start: the base model
+            self.ctx.base_eval = eval_summary(logs)
+        valid = {
+            "valid_loss": _finite(logs.get("eval_loss")),
+            "valid_mean_token_accuracy": _finite(logs.get("eval_mean_token_accuracy")),
+        }
+        for key, name in _EXTRA_KEYS.items():
+            if f"eval_{key}" in logs:
+                valid[f"valid_{name}"] = _finite(logs[f"eval_{key}"])
+        if self._pending is not None and self._pending["step"] == state.global_step:
+            self._pending.update(valid)
+        else:
+            self._emit_pending()
+            self._pending = {"step": state.global_step, "total_steps": state.max_steps, **valid}
+
+    def _emit_pending(self) -> None:
+        data, self._pending = self._pending, None
+        if data is None or self.ctx.events is None:
+            return
+        metrics = StepMetrics.model_validate({k: v for k, v in data.items() if v is not None})
+        self.last_metrics = metrics
+        self.ctx.results.update(
+            metrics.step,
+            train_loss=metrics.train_loss,
+            train_accuracy=metrics.train_mean_token_accuracy,
+            valid_loss=metrics.valid_loss,
+            valid_mean_token_accuracy=metrics.valid_mean_token_accuracy,
+        )
+        shown = metrics.model_dump(exclude_none=True)
+        self.ctx.events.metrics(f"Step {metrics.step}/{metrics.total_steps}", shown)
+        if self.ctx.exporter is not None:
+            self.ctx.exporter.observe(shown)
+
+    def flush(self) -> None:
+        """Emit the metrics still waiting for a possible validation at their step."""
+        self._emit_pending()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Emit what is pending."""
+        self._emit_pending()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Upload this node's files, commit (rank 0), prune, and stop if SIGTERM came."""
+        step = state.global_step
+        local = Path(str(args.output_dir)) / f"checkpoint-{step}"
+        self._emit_pending()
+        failed = False
+        try:
+            if self.ctx.topology.is_main:
+                write_kubetune_state(
+                    local,
+                    {
+                        "results": self.ctx.results.upto(step).to_state(),
+                        "base_eval": self.ctx.base_eval,
+                    },
+                )
+            barrier()  # every rank has written its files
+            if self.ctx.topology.is_local_main:
+                self.ctx.checkpoints.upload_files(local, step)
+        except Exception:
+            log.exception("uploading checkpoint %s failed", step)
+            failed = True
+        if any_rank(failed):
+            raise RetryableError(f"the checkpoint of step {step} could not be stored")
+        if self.ctx.topology.is_main:
+            self._commit(step)
+        barrier()  # nobody stops before the manifest is written
+        if any_rank(self.flag.requested):
+            self.preempted = True
+            control.should_training_stop = True
+
+    def _commit(self, step: int) -> None:
+        checkpoint_id = new_checkpoint_id()
+        metrics = self.last_metrics
+        body = manifest(
+            "checkpoint",
+            self.ctx.run_manifest,
+            checkpoint_id=checkpoint_id,
+            step=step,
+            metrics=metrics.model_dump(exclude_none=True) if metrics else None,
+            data_position=self._data_position(step),
+        )
+        self.ctx.checkpoints.commit(step, body)
+        data = CheckpointEventData(
+            checkpoint_id=checkpoint_id,
+            step=step,
+            created_at=body["created_at"],
+            prefix=self.ctx.checkpoints.prefix(step),
+            metrics=metrics,
+        )
+        if self.ctx.events is not None:
+            self.ctx.events.message(
+                TrainerEventKind.CHECKPOINT,
+                f"Checkpoint saved at step {step}",
+                flush=True,
+                **data.model_dump(mode="json", exclude_none=True, exclude={"kind"}),
+            )
+        if self.ctx.exporter is not None:
+            self.ctx.exporter.checkpoints.labels(self.ctx.checkpoints.job_id).inc()
+        keep = self.ctx.run_manifest["config"]["checkpointing"]["keep"]
+        self.ctx.checkpoints.prune(keep)
+
+    def _data_position(self, step: int) -> dict[str, Any]:
+        """Where in the data the run is: the Trainer resumes by skipping this many batches of
+        the sampler's order for the epoch (seeded by seed + epoch).
+        """
+        config = self.ctx.run_manifest["config"]
+        return {
+            "global_step": step,
+            "examples_seen": examples_seen(
+                step, config["hyperparameters"]["batch_size"], config["n_train_examples"]
+            ),
+            "sampler_seed": config["seed"],
+            "world_size": self.ctx.topology.world_size,
+        }

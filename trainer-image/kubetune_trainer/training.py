@@ -1,0 +1,290 @@
+"""The training run itself: data → trainer → train (resumed) → evaluate → adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, Trainer
+
+from kubetune.trainer_events import TrainerEventKind
+from kubetune_trainer import exit_codes
+from kubetune_trainer.callbacks import KubetuneCallback, RunContext, eval_summary
+from kubetune_trainer.checkpoints import CommittedCheckpoint
+from kubetune_trainer.data import (
+    ChatRenderer,
+    LoadedFile,
+    load_file,
+    preference_rows,
+    tokenize_supervised,
+)
+from kubetune_trainer.dist import barrier
+from kubetune_trainer.errors import UserError
+from kubetune_trainer.manifest import manifest, run_manifest
+from kubetune_trainer.methods import (
+    KubetuneDPOTrainer,
+    KubetuneSFTTrainer,
+    dpo_config,
+    sft_config,
+)
+from kubetune_trainer.model import (
+    fetch_base_model,
+    finalize_adapter_config,
+    load_model,
+    load_tokenizer,
+    lora_config,
+)
+from kubetune_trainer.results import Results
+from kubetune_trainer.tracking import configure_tracking
+
+if TYPE_CHECKING:
+    from kubetune_trainer.main import Run
+
+log = logging.getLogger(__name__)
+
+
+def _load(run: Run, file_id: str, param: str) -> LoadedFile:
+    return load_file(run.read_file(file_id, param), file_id, run.config.method, param=param)
+
+
+def _dataset(run: Run, loaded: LoadedFile, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """The trainer's dataset of one file (tokenized for SFT, rows for DPO)."""
+    if run.is_dpo():
+        return Dataset.from_dict(preference_rows(loaded))
+    renderer = ChatRenderer(tokenizer, run.config.max_seq_length)
+    columns, stats = tokenize_supervised(loaded, renderer)
+    warning = stats.warning(loaded.file_id, run.config.max_seq_length)
+    if warning:
+        run.warn(warning, file_id=loaded.file_id, lines=stats.truncated_lines[:20])
+    if stats.fallback_masking:
+        run.warn(
+            "The chat template re-renders earlier turns; replies were located by their text "
+            "for the loss mask"
+        )
+    if not columns["input_ids"]:
+        raise UserError(
+            f"{loaded.file_id}: no example has anything to learn within the maximum sequence "
+            "length",
+            code="invalid_training_file",
+            param="training_file",
+        )
+    return Dataset.from_dict(columns)
+
+
+def _warn_dpo_truncation(run: Run, trainer: Trainer, n_rows: int, file_id: str) -> None:
+    """DPO rows are tokenized by TRL: count those longer than the maximum length."""
+    dataset: Any = trainer.train_dataset
+    limit = run.config.max_seq_length
+    too_long = sum(
+        1
+        for row in dataset
+        if len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) > limit
+    )
+    dropped = n_rows - len(dataset)
+    if too_long or dropped:
+        run.warn(
+            f"{too_long} preference example(s) of {file_id} are longer than {limit} tokens and "
+            f"are truncated; {dropped} whose prompt alone fills it were dropped",
+            file_id=file_id,
+        )
+
+
+def _build_trainer(
+    run: Run,
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets: tuple[Dataset, Dataset | None],
+    callback: KubetuneCallback,
+) -> Trainer:
+    output_dir = run.workdir / "checkpoints"
+    world = run.topology.world_size
+    common: dict[str, Any] = {
+        "model": model,
+        "train_dataset": datasets[0],
+        "eval_dataset": datasets[1],
+        "processing_class": tokenizer,
+        "callbacks": [callback],
+        "peft_config": lora_config(run.config),
+    }
+    if run.is_dpo():
+        return KubetuneDPOTrainer(args=dpo_config(run.config, output_dir, world), **common)
+    return KubetuneSFTTrainer(args=sft_config(run.config, output_dir, world), **common)
+
+
+def _evaluate(trainer: Trainer, callback: KubetuneCallback) -> dict[str, float]:
+    metrics = trainer.evaluate()
+    callback.flush()
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def train(run: Run) -> int:
+    """Train the job (see the module docstring); returns the exit code."""
+    config, topology = run.config, run.topology
+    folder = fetch_base_model(config, run.store, topology, run.workdir)
+    tokenizer = load_tokenizer(folder, config)
+    train_file = _load(run, config.training_file, "training_file")
+    valid_file = (
+        _load(run, config.validation_file, "validation_file") if config.validation_file else None
+    )
+    data_sha = {train_file.file_id: train_file.sha256}
+    if valid_file is not None:
+        data_sha[valid_file.file_id] = valid_file.sha256
+    datasets = (
+        _dataset(run, train_file, tokenizer),
+        _dataset(run, valid_file, tokenizer) if valid_file is not None else None,
+    )
+    checkpoint = run.newest_checkpoint()
+    resume_from, results, base_eval = _resume_state(run, checkpoint)
+    model = load_model(folder, config)
+    ctx = RunContext(
+        topology=topology,
+        checkpoints=run.checkpoint_store(),
+        events=run.events,
+        exporter=run.exporter,
+        run_manifest=run_manifest(config, data_sha, world_size=topology.world_size),
+        n_params=sum(p.numel() for p in model.parameters()),
+        results=results,
+        base_eval=base_eval,
+    )
+    callback = KubetuneCallback(ctx, run.flag)
+    configure_tracking(config, run.workdir)
+    trainer = _build_trainer(run, model, tokenizer, datasets, callback)
+    if run.is_dpo():
+        _warn_dpo_truncation(run, trainer, len(datasets[0]), train_file.file_id)
+    _announce(run, checkpoint, trainer)
+    # The base model's validation runs inside train() (eval_on_start), after the model is
+    # wrapped for DDP: evaluating before train() would leave it unwrapped (never synced).
+    trainer.args.eval_on_start = checkpoint is None and datasets[1] is not None
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    callback.flush()
+    if callback.preempted:
+        step = trainer.state.global_step
+        run.message(TrainerEventKind.PREEMPTED, f"Stopped at step {step} after SIGTERM", step=step)
+        return exit_codes.PREEMPTED
+    _finish(run, trainer, callback, ctx, datasets[1] is not None)
+    return exit_codes.SUCCESS
+
+
+def _resume_state(
+    run: Run, checkpoint: CommittedCheckpoint | None
+) -> tuple[Path | None, Results, dict[str, float] | None]:
+    if checkpoint is None:
+        return None, Results(), None
+    path, state = run.fetch_checkpoint(checkpoint)
+    results, base_eval = run.restore(state)
+    return path, results, base_eval
+
+
+def _announce(run: Run, checkpoint: CommittedCheckpoint | None, trainer: Trainer) -> None:
+    config = run.config
+    if checkpoint is not None:
+        run.message(
+            TrainerEventKind.RESTARTED,
+            f"Restarted from step {checkpoint.step}",
+            step=checkpoint.step,
+            checkpoint_id=checkpoint.manifest.get("checkpoint_id"),
+        )
+        return
+    args = trainer.args
+    run.message(
+        TrainerEventKind.STARTED,
+        f"Fine-tuning {config.base_model.name} ({config.method.value}, "
+        f"{config.adapter.type.value}) on {run.topology.world_size} process(es)",
+        world_size=run.topology.world_size,
+        micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        total_steps=config.total_steps,
+    )
+
+
+def _finish(
+    run: Run, trainer: Trainer, callback: KubetuneCallback, ctx: RunContext, has_valid: bool
+) -> None:
+    step = trainer.state.global_step
+    final = None
+    if has_valid:
+        # Every rank decides alike (evaluation is collective): from the shared log history.
+        last_eval = next(
+            (
+                e
+                for e in reversed(trainer.state.log_history)
+                if "eval_loss" in e and e.get("step") == step
+            ),
+            None,
+        )
+        final = eval_summary(last_eval) if last_eval else eval_summary(_evaluate(trainer, callback))
+        run.message(
+            TrainerEventKind.EVALUATION,
+            _comparison_text(ctx.base_eval, final),
+            base_model=ctx.base_eval,
+            fine_tuned_model=final,
+            step=step,
+        )
+    out = run.workdir / "final"
+    trainer.save_model(str(out))  # every rank: FSDP/ZeRO-3 gather the weights here
+    if run.topology.is_main:
+        _publish(run, trainer, ctx, out, step, final)
+    barrier()
+
+
+def _comparison_text(base: dict[str, float] | None, final: dict[str, float] | None) -> str:
+    def show(metrics: dict[str, float] | None) -> str:
+        if not metrics:
+            return "n/a"
+        text = f"loss {metrics['valid_loss']:.4f}"
+        if "valid_perplexity" in metrics:
+            text += f" (perplexity {metrics['valid_perplexity']:.2f})"
+        return text
+
+    return f"Validation: base model {show(base)}, fine-tuned model {show(final)}"
+
+
+def _publish(
+    run: Run,
+    trainer: Trainer,
+    ctx: RunContext,
+    out: Path,
+    step: int,
+    final: dict[str, float] | None,
+) -> None:
+    config = run.config
+    tokenizer: Any = trainer.processing_class
+    tokenizer.save_pretrained(out)
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle vLLM does not need
+    if run.is_adapter():
+        finalize_adapter_config(out, config.base_model.name)
+    files = {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+    body = manifest(
+        "adapter" if run.is_adapter() else "model",
+        ctx.run_manifest,
+        step=step,
+        fine_tuned_model=config.fine_tuned_model,
+        base_model=config.base_model.name,
+        metrics=ctx.results.rows.get(step),
+        evaluation={"base_model": ctx.base_eval, "fine_tuned_model": final},
+        files=files,
+    )
+    (out / "manifest.json").write_text(json.dumps(body, indent=2, allow_nan=False))
+    prefix = run.layout.adapter_prefix(config.org, config.job_id)
+    run.store.put_bytes(
+        run.layout.results_key(config.org, config.job_id),
+        ctx.results.to_csv(),
+        content_type="text/csv",
+    )
+    run.store.upload_dir(out, prefix, last="manifest.json")
+    run.message(
+        TrainerEventKind.COMPLETED,
+        f"Fine-tuning finished at step {step}: {config.fine_tuned_model}",
+        step=step,
+        fine_tuned_model=config.fine_tuned_model,
+        adapter_prefix=prefix,
+        trained_tokens=int(trainer.state.num_input_tokens_seen),
+    )
