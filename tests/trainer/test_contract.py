@@ -197,8 +197,8 @@ def test_prometheus_endpoint_serves_the_last_step() -> None:
     finally:
         exporter.close()
     text = body.decode()
-    assert 'kubetune_trainer_step{job="ftjob-x"} 7.0' in text
-    assert 'kubetune_trainer_train_loss{job="ftjob-x"} 1.25' in text
+    assert 'kubetune_trainer_step{job_id="ftjob-x"} 7.0' in text
+    assert 'kubetune_trainer_train_loss{job_id="ftjob-x"} 1.25' in text
 
 
 def test_dpo_method_is_the_default_only_when_asked() -> None:
