@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format crds test-deps bench-api clean
+.PHONY: help venv test test-fast lint format crds test-deps bench-api bench-trainer clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 
 bench-api: test-deps ## Benchmark the API on both backends (writes benchmarks/results/api.json)
 	$(PY) benchmarks/api_bench.py
+
+bench-trainer: $(STAMP) ## Trainer throughput, stock TRL vs kubetune (SHAPE=8b on an H100; tiny on CPU)
+	$(PY) benchmarks/trainer_throughput.py --shape $(or $(SHAPE),8b) $(BENCH_ARGS)
 
 crds: $(STAMP) ## Regenerate the CRD YAML from the pydantic models
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
