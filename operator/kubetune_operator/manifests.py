@@ -21,14 +21,24 @@ KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
 TRAINER_UID: Final = 10001  # the trainer image's non-root user
 
 
-def pytorchjob_name(job: FineTuneJob) -> str:
+def pytorchjob_name_of(job_name: str) -> str:
     """The PyTorchJob of a FineTuneJob has the job's own name (ids are DNS labels)."""
-    return job.metadata.name
+    return job_name
+
+
+def configmap_name_of(job_name: str) -> str:
+    """Name of the ConfigMap holding the resolved trainer config of the job ``job_name``."""
+    return f"{job_name}-config"
+
+
+def pytorchjob_name(job: FineTuneJob) -> str:
+    """The name of ``job``'s PyTorchJob."""
+    return pytorchjob_name_of(job.metadata.name)
 
 
 def configmap_name(job: FineTuneJob) -> str:
-    """Name of the ConfigMap holding the resolved trainer config."""
-    return f"{job.metadata.name}-config"
+    """The name of ``job``'s ConfigMap."""
+    return configmap_name_of(job.metadata.name)
 
 
 def owner_reference(job: FineTuneJob) -> dict[str, Any]:

@@ -1,0 +1,619 @@
+"""A stand-in for Kubeflow's training-operator (and the kubelet) for PyTorchJobs in a namespace.
+
+The test apiserver runs no controllers and no kubelet, so this fixture plays both: it watches
+(polls) PyTorchJobs in one namespace, runs each replica as a local process, and writes the
+PyTorchJob's status as the training-operator does. Multi-node training is thus real: several
+processes that rendezvous over gloo on loopback.
+
+What it implements of the training-operator's documented contract (kubeflow.org/v1,
+training-operator release 1.9; pkg/controller.v1/pytorch and pkg/controller.v1/common):
+
+- Replicas: ``Master`` (rank 0) and ``Worker`` (ranks 1..n) of ``pytorchReplicaSpecs``; only
+  the container named ``pytorch`` runs. Its ``command`` if given, else the image's ENTRYPOINT
+  (the fixture's ``entrypoint``), followed by its ``args``.
+- Environment, as ``setPodEnv``/``MasterEnvVarGenerator`` set it, after the container's own
+  ``env`` (and ``envFrom`` Secrets/ConfigMaps, read from the apiserver):
+  ``PYTHONUNBUFFERED``, ``MASTER_ADDR``, ``MASTER_PORT``, ``PET_MASTER_ADDR``,
+  ``PET_MASTER_PORT``, ``WORLD_SIZE`` (replicas x nprocPerNode), ``RANK`` (workers: index+1),
+  ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_NPROC_PER_NODE``.
+- Volumes, as the kubelet mounts them: ``configMap`` volumes are the ConfigMap's data written
+  to a folder when the replica starts, ``emptyDir`` volumes a fresh folder per pod. Paths in
+  ``args`` and ``env`` under a mount point are rewritten to that folder; a mount at ``/tmp``
+  becomes the process' ``TMPDIR``.
+- ``restartPolicy: ExitCode``: exit codes 1-127 are permanent (the job fails at once),
+  128-255 retryable (the replica is restarted as a new pod: new emptyDirs). Exit 0 of the
+  Master completes the job.
+- ``runPolicy.backoffLimit``: more retryable failures than the limit fail the job ("…has
+  reached the specified backoff limit").
+- ``runPolicy.suspend``: the replicas' pods are deleted (SIGTERM, then SIGKILL after the
+  grace period), ``Running`` turns False and ``Suspended`` True (reason
+  ``PyTorchJobSuspended``); clearing it sets ``Suspended`` False (``PyTorchJobResumed``),
+  resets ``startTime`` and starts new pods.
+- Deleting the PyTorchJob deletes its pods (as the garbage collector would).
+- Status: conditions ``Created``, ``Running``, ``Restarting``, ``Succeeded``, ``Failed``,
+  ``Suspended`` with reasons ``PyTorchJob<Type>`` and the controller's messages, updated with
+  its ``setCondition`` rules (transition time kept while the status is unchanged; Running and
+  Restarting replace each other; Succeeded/Failed turn Running False; nothing changes after
+  Failed), plus ``replicaStatuses``, ``startTime`` and ``completionTime``.
+
+Deviations, because every replica runs on this one host:
+
+- ``MASTER_ADDR`` is 127.0.0.1 (there is no cluster DNS for ``<job>-master-0``) and the port is
+  a free one per PyTorchJob instead of 23456 (tests run in parallel).
+- The kubelet's SIGTERM goes to the replica's main process, as to a container's PID 1; the
+  grace period is capped (``grace_cap``) and SIGKILL then kills the process group.
+- Backoff is counted as retryable replica failures, not as the controller's mix of container
+  restart counts and work-queue requeues; a Worker that dies while the Master runs is restarted
+  alone (as a pod would be).
+- No scheduling, resources, services, init containers, sidecars or elastic policy.
+  ``cleanPodPolicy`` is always None (the operator's choice): replicas of a finished job are
+  left to exit on their own, but as this host keeps no pods, one still running after the grace
+  period is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from base64 import b64decode
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from tests.harness.paths import free_port
+
+GROUP: Final = "kubeflow.org"
+VERSION: Final = "v1"
+PLURAL: Final = "pytorchjobs"
+KIND: Final = "PyTorchJob"
+CONTAINER: Final = "pytorch"
+REPLICA_TYPES: Final = ("Master", "Worker")
+# The trainer image's ENTRYPOINT (trainer-image/Dockerfile): a launcher that turns the
+# PyTorchJob environment into torchrun's arguments and the workers' exit codes into the pod's.
+TRAINER_ENTRYPOINT: Final = (sys.executable, "-m", "kubetune_trainer.launch")
+# The part of this host's environment a container would also have.
+_HOST_ENV: Final = ("PATH", "LANG", "LC_ALL")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str
+) -> list[dict[str, Any]]:
+    """The training-operator's ``UpdateJobConditions`` (pkg/util/status.go), on dicts."""
+    if any(c["type"] == "Failed" and c["status"] == "True" for c in conditions):
+        return conditions  # nothing changes once a job failed
+    current = next((c for c in conditions if c["type"] == type_), None)
+    if current is not None and current["status"] == status and current.get("reason") == reason:
+        return conditions
+    now = _now()
+    new = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastUpdateTime": now,
+        "lastTransitionTime": now,
+    }
+    if current is not None and current["status"] == status:
+        new["lastTransitionTime"] = current.get("lastTransitionTime", now)
+    kept = []
+    for cond in conditions:
+        if type_ == "Restarting" and cond["type"] == "Running":
+            continue
+        if type_ == "Running" and cond["type"] == "Restarting":
+            continue
+        if cond["type"] == type_:
+            continue
+        if type_ in ("Failed", "Succeeded") and cond["type"] == "Running":
+            cond = {**cond, "status": "False"}
+        kept.append(cond)
+    return [*kept, new]
+
+
+def is_true(conditions: Sequence[Mapping[str, Any]], type_: str) -> bool:
+    """Whether the condition ``type_`` is True."""
+    return any(c["type"] == type_ and c["status"] == "True" for c in conditions)
+
+
+def exit_code(returncode: int) -> int:
+    """The container exit code of a process: a signal N is reported as 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def is_retryable(code: int) -> bool:
+    """restartPolicy ExitCode: 128 and above is retryable (pkg/util/train.IsRetryableExitCode)."""
+    return code >= 128
+
+
+@dataclass
+class Replica:
+    """One replica (pod) of a PyTorchJob, across its restarts."""
+
+    rtype: str
+    index: int
+    rank: int
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    stop_deadline: float | None = None
+    restart_at: float = 0.0
+    succeeded: bool = False
+
+    @property
+    def name(self) -> str:
+        """``master-0``, ``worker-0``…"""
+        return f"{self.rtype.lower()}-{self.index}"
+
+    def alive(self) -> bool:
+        """Whether its process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class JobRun:
+    """What the fixture tracks of one PyTorchJob (by uid)."""
+
+    name: str
+    uid: str
+    port: int
+    workdir: Path
+    replicas: dict[tuple[str, int], Replica] = field(default_factory=dict)
+    failures: int = 0
+    finished_at: float | None = None
+
+
+class TrainingOperator:
+    """Runs the replicas of the PyTorchJobs of ``namespace`` as local processes (see above)."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        workdir: Path,
+        *,
+        entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
+        node_env: Mapping[str, str] | None = None,
+        restart_delay: float = 1.0,
+        grace_cap: float = 60.0,
+        poll: float = 0.2,
+    ) -> None:
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.workdir = workdir
+        self.entrypoint = list(entrypoint)
+        self.node_env = dict(node_env or {})
+        self.restart_delay = restart_delay
+        self.grace_cap = grace_cap
+        self.poll = poll
+        self._custom: Any = client.CustomObjectsApi(api_client)
+        self._core: Any = client.CoreV1Api(api_client)
+        self._runs: dict[str, JobRun] = {}
+        self._created: dict[str, list[str]] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="training-operator", daemon=True)
+        self.errors: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> TrainingOperator:
+        """Start watching."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching and stop every replica still running."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            replicas = [r for run in self._runs.values() for r in run.replicas.values()]
+        for replica in replicas:
+            self._signal(replica, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for replica in replicas:
+            if replica.proc is None:
+                continue
+            try:
+                replica.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._kill(replica)
+
+    # -- what tests look at ----------------------------------------------------------------------
+    def created(self, name: str) -> list[str]:
+        """The uids of every PyTorchJob named ``name`` seen so far (one per creation)."""
+        with self._lock:
+            return list(self._created.get(name, []))
+
+    def replicas(self, name: str) -> list[Replica]:
+        """The replicas of the newest PyTorchJob named ``name``."""
+        with self._lock:
+            runs = [r for r in self._runs.values() if r.name == name]
+            return list(runs[-1].replicas.values()) if runs else []
+
+    def failures(self, name: str) -> int:
+        """Retryable replica failures of the newest PyTorchJob named ``name`` (backoff count)."""
+        with self._lock:
+            runs = [r for r in self._runs.values() if r.name == name]
+            return runs[-1].failures if runs else 0
+
+    def starts(self, name: str) -> int:
+        """How many replica processes were started for ``name`` (restarts included)."""
+        return sum(r.starts for r in self.replicas(name))
+
+    def alive(self, name: str) -> int:
+        """How many replica processes of ``name`` run now."""
+        return sum(1 for r in self.replicas(name) if r.alive())
+
+    def signal(self, name: str, rtype: str, index: int, sig: int) -> None:
+        """Send ``sig`` to a replica's main process (a preemption: the kubelet's SIGTERM)."""
+        replica = next(r for r in self.replicas(name) if (r.rtype, r.index) == (rtype, index))
+        if not replica.alive():
+            raise AssertionError(f"{name} {replica.name} is not running")
+        assert replica.proc is not None
+        os.kill(replica.proc.pid, sig)
+
+    def logs(self, name: str, lines: int = 30) -> str:
+        """The last lines of every replica log of ``name``, for failure messages."""
+        parts = []
+        for replica in self.replicas(name):
+            for path in replica.logs:
+                with contextlib.suppress(OSError):
+                    text = path.read_text(errors="replace").splitlines()[-lines:]
+                    parts.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # -- the control loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                items = self._custom.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL
+                )["items"]
+                seen = set()
+                for obj in items:
+                    seen.add(obj["metadata"]["uid"])
+                    self._sync(obj)
+                with self._lock:
+                    gone = [run for uid, run in self._runs.items() if uid not in seen]
+                for run in gone:
+                    self._delete(run)
+            except Exception as exc:  # keep playing; the test sees the error list
+                self.errors.append(repr(exc))
+            self._stop.wait(self.poll)
+
+    def _run_for(self, obj: dict[str, Any]) -> JobRun:
+        meta = obj["metadata"]
+        with self._lock:
+            run = self._runs.get(meta["uid"])
+            if run is None:
+                run = JobRun(
+                    name=meta["name"],
+                    uid=meta["uid"],
+                    port=free_port(),
+                    workdir=self.workdir / f"{meta['name']}-{meta['uid'][:8]}",
+                )
+                specs = obj["spec"]["pytorchReplicaSpecs"]
+                for rtype in REPLICA_TYPES:
+                    for index in range(int((specs.get(rtype) or {}).get("replicas", 0))):
+                        rank = index + 1 if rtype == "Worker" else index
+                        run.replicas[(rtype, index)] = Replica(rtype, index, rank)
+                self._runs[meta["uid"]] = run
+                self._created.setdefault(meta["name"], []).append(meta["uid"])
+            return run
+
+    def _sync(self, obj: dict[str, Any]) -> None:
+        run = self._run_for(obj)
+        name = run.name
+        status = copy.deepcopy(obj.get("status") or {})
+        conditions: list[dict[str, Any]] = status.get("conditions") or []
+        before = copy.deepcopy(status)
+        conditions = set_condition(
+            conditions, "Created", "True", "PyTorchJobCreated", f"PyTorchJob {name} is created."
+        )
+        run_policy = obj["spec"].get("runPolicy") or {}
+        if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
+            self._wind_down(run, obj)
+        elif run_policy.get("suspend"):
+            conditions = self._suspend(run, obj, conditions)
+        else:
+            if is_true(conditions, "Suspended"):
+                conditions = set_condition(
+                    conditions,
+                    "Suspended",
+                    "False",
+                    "PyTorchJobResumed",
+                    f"PyTorchJob {name} is resumed.",
+                )
+                status["startTime"] = _now()
+            conditions = self._reconcile_replicas(run, obj, conditions, run_policy)
+            status.setdefault("startTime", _now())
+            if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
+                status["completionTime"] = _now()
+        status["conditions"] = conditions
+        status["replicaStatuses"] = self._replica_statuses(run)
+        if status != before:
+            with contextlib.suppress(Exception):  # deleted meanwhile: the next list tells
+                self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, self.namespace, PLURAL, name, {"status": status}
+                )
+
+    def _replica_statuses(self, run: JobRun) -> dict[str, Any]:
+        result: dict[str, dict[str, int]] = {}
+        for replica in run.replicas.values():
+            entry = result.setdefault(replica.rtype, {"active": 0, "succeeded": 0, "failed": 0})
+            entry["active"] += int(replica.alive())
+            entry["succeeded"] += int(replica.succeeded)
+            entry["failed"] += sum(1 for c in replica.exit_codes if c != 0)
+        return result
+
+    def _reconcile_replicas(
+        self,
+        run: JobRun,
+        obj: dict[str, Any],
+        conditions: list[dict[str, Any]],
+        run_policy: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        name = run.name
+        backoff_limit = run_policy.get("backoffLimit")
+        now = time.monotonic()
+        for replica in run.replicas.values():
+            if replica.proc is not None and replica.proc.poll() is not None:
+                code = exit_code(replica.proc.returncode)
+                replica.exit_codes.append(code)
+                replica.proc = None
+                if code == 0:
+                    replica.succeeded = True
+                elif is_retryable(code):
+                    run.failures += 1
+                    if backoff_limit is not None and run.failures > int(backoff_limit):
+                        return self._fail(
+                            conditions,
+                            f"Job {name} has failed because it has reached the specified "
+                            "backoff limit",
+                        )
+                    conditions = set_condition(
+                        conditions,
+                        "Restarting",
+                        "True",
+                        "PyTorchJobRestarting",
+                        f"PyTorchJob {name} is restarting because 1 {replica.rtype} replica(s) "
+                        "failed.",
+                    )
+                    replica.restart_at = now + self.restart_delay
+                else:
+                    return self._fail(
+                        conditions,
+                        f"PyTorchJob {name} is failed because 1 {replica.rtype} replica(s) failed.",
+                    )
+        master = run.replicas.get(("Master", 0))
+        if master is not None and master.succeeded:
+            return set_condition(
+                conditions,
+                "Succeeded",
+                "True",
+                "PyTorchJobSucceeded",
+                f"PyTorchJob {name} is successfully completed.",
+            )
+        for replica in run.replicas.values():
+            if replica.proc is None and not replica.succeeded and now >= replica.restart_at:
+                self._start(run, obj, replica)
+        if all(r.alive() or r.succeeded for r in run.replicas.values()):
+            conditions = set_condition(
+                conditions, "Running", "True", "PyTorchJobRunning", f"PyTorchJob {name} is running."
+            )
+        return conditions
+
+    @staticmethod
+    def _fail(conditions: list[dict[str, Any]], message: str) -> list[dict[str, Any]]:
+        # cleanPodPolicy None: the other replicas are left to exit on their own (see _wind_down).
+        return set_condition(conditions, "Failed", "True", "PyTorchJobFailed", message)
+
+    def _suspend(
+        self, run: JobRun, obj: dict[str, Any], conditions: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        name = run.name
+        grace = self._grace(obj)
+        for replica in run.replicas.values():
+            self._stop_replica(replica, grace)
+            if replica.proc is not None and replica.proc.poll() is not None:
+                replica.exit_codes.append(exit_code(replica.proc.returncode))
+                replica.proc = None
+            replica.restart_at = 0.0
+        if any(r.alive() for r in run.replicas.values()):
+            return conditions  # the pods are terminating
+        message = f"PyTorchJob {name} is suspended."
+        if is_true(conditions, "Running"):
+            conditions = set_condition(
+                conditions, "Running", "False", "PyTorchJobSuspended", message
+            )
+        if not is_true(conditions, "Suspended"):
+            conditions = set_condition(
+                conditions, "Suspended", "True", "PyTorchJobSuspended", message
+            )
+        return conditions
+
+    def _wind_down(self, run: JobRun, obj: dict[str, Any]) -> None:
+        """Replicas of a finished job exit on their own (cleanPodPolicy None keeps their pods);
+        one still running after the grace period is stopped, as this host has no pods to keep.
+        """
+        for replica in run.replicas.values():
+            if replica.proc is not None and replica.proc.poll() is not None:
+                code = exit_code(replica.proc.returncode)
+                replica.exit_codes.append(code)
+                replica.succeeded = replica.succeeded or code == 0
+                replica.proc = None
+        now = time.monotonic()
+        if run.finished_at is None:
+            run.finished_at = now
+        if now - run.finished_at < self._grace(obj):
+            return
+        for replica in run.replicas.values():
+            self._stop_replica(replica, 5.0)
+
+    def _delete(self, run: JobRun) -> None:
+        for replica in run.replicas.values():
+            self._stop_replica(replica, self.grace_cap)
+        if not any(r.alive() for r in run.replicas.values()):
+            with self._lock:
+                self._runs.pop(run.uid, None)
+
+    def _grace(self, obj: dict[str, Any]) -> float:
+        template = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        return min(float(template.get("terminationGracePeriodSeconds", 30)), self.grace_cap)
+
+    # -- processes -------------------------------------------------------------------------------
+    def _signal(self, replica: Replica, sig: int) -> None:
+        if replica.alive():
+            assert replica.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(replica.proc.pid, sig)
+
+    def _kill(self, replica: Replica) -> None:
+        if replica.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(replica.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                replica.proc.wait(10)
+
+    def _stop_replica(self, replica: Replica, grace: float) -> None:
+        """The kubelet deleting a pod: SIGTERM now, SIGKILL once the grace period is over."""
+        if not replica.alive():
+            replica.stop_deadline = None
+            return
+        now = time.monotonic()
+        if replica.stop_deadline is None:
+            replica.stop_deadline = now + grace
+            self._signal(replica, signal.SIGTERM)
+        elif now >= replica.stop_deadline:
+            self._kill(replica)
+
+    def _container(self, obj: dict[str, Any], rtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        pod = obj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
+        return pod, container
+
+    def _mounts(
+        self, pod: dict[str, Any], container: dict[str, Any], root: Path
+    ) -> dict[str, Path]:
+        """Prepare the volumes of one pod; mount path → local folder."""
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes[mount["name"]]
+            folder = root / "volumes" / mount["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                cm = self._core.read_namespaced_config_map(
+                    volume["configMap"]["name"], self.namespace
+                )
+                for key, value in (cm.data or {}).items():
+                    (folder / key).write_text(value)
+            elif "emptyDir" not in volume:
+                raise NotImplementedError(f"volume {mount['name']}: only configMap and emptyDir")
+            mounts[mount["mountPath"].rstrip("/") or "/"] = folder
+        return mounts
+
+    @staticmethod
+    def _translate(value: str, mounts: Mapping[str, Path]) -> str:
+        for path in sorted(mounts, key=len, reverse=True):
+            if value == path or value.startswith(path + "/"):
+                return str(mounts[path]) + value[len(path) :]
+        return value
+
+    def _env_from(self, container: dict[str, Any]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            if "secretRef" in source:
+                secret = self._core.read_namespaced_secret(
+                    source["secretRef"]["name"], self.namespace
+                )
+                env.update({k: b64decode(v).decode() for k, v in (secret.data or {}).items()})
+            elif "configMapRef" in source:
+                cm = self._core.read_namespaced_config_map(
+                    source["configMapRef"]["name"], self.namespace
+                )
+                env.update(cm.data or {})
+        return env
+
+    def _operator_env(self, run: JobRun, obj: dict[str, Any], replica: Replica) -> dict[str, str]:
+        """What setPodEnv adds, after the container's own variables (so it wins)."""
+        specs = obj["spec"]["pytorchReplicaSpecs"]
+        total = sum(int(s.get("replicas", 0)) for s in specs.values())
+        nproc = str(obj["spec"].get("nprocPerNode") or "1")
+        per_node = int(nproc) if nproc.isdigit() else 1
+        return {
+            # The controller sets "0": any non-empty value makes CPython unbuffered.
+            "PYTHONUNBUFFERED": "0",
+            "MASTER_PORT": str(run.port),
+            "MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(run.port),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "WORLD_SIZE": str(total * per_node),
+            "RANK": str(replica.rank),
+            "PET_NPROC_PER_NODE": nproc,
+            "PET_NODE_RANK": str(replica.rank),
+            "PET_NNODES": str(total),
+        }
+
+    def _start(self, run: JobRun, obj: dict[str, Any], replica: Replica) -> None:
+        pod, container = self._container(obj, replica.rtype)
+        attempt = replica.starts
+        root = run.workdir / f"{replica.name}-{attempt}"
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            mounts = self._mounts(pod, container, root)
+            env_from = self._env_from(container)
+        except Exception as exc:  # e.g. the ConfigMap is not there yet: the pod would wait
+            self.errors.append(f"{run.name} {replica.name}: {exc!r}")
+            return
+        env = {k: os.environ[k] for k in _HOST_ENV if k in os.environ}
+        env.update(self.node_env)
+        env.update(env_from)
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = self._translate(str(var["value"]), mounts)
+        env.update(self._operator_env(run, obj, replica))
+        if "/tmp" in mounts:  # the container's /tmp, not ours
+            env["TMPDIR"] = str(mounts["/tmp"])
+        command = container.get("command") or self.entrypoint
+        argv = [self._translate(a, mounts) for a in [*command, *(container.get("args") or [])]]
+        cwd = Path(self._translate(container.get("workingDir") or "", mounts) or root)
+        log_path = run.workdir / f"{replica.name}-{attempt}.log"
+        with log_path.open("wb") as log:
+            replica.proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a container's cgroup
+            )
+        replica.starts += 1
+        replica.logs.append(log_path)
+        replica.stop_deadline = None
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, detail: Callable[[], str] = str
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``detail()`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail()}")
+        time.sleep(0.2)

@@ -1,0 +1,354 @@
+"""Fixtures for the operator's end-to-end tests: the operator as a process, the training-operator
+played by tests.harness.training_operator, the real trainer on a tiny Llama, S3 and the real
+apiserver. Each test gets its own namespace and its own object-store prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.datasets import validate_jsonl
+from kubetune.events import JobEvent, read_events
+from kubetune.files import FileMeta, FilePurpose
+from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJobStatus, JobPhase
+from kubetune.ids import new_file_id, new_job_id
+from kubetune.objectstore import ObjectStore, S3ObjectStore
+from kubetune.settings import ObjectStoreSettings
+from tests.harness.kube import KubeCluster
+from tests.harness.operator import OperatorProcess
+from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+from tests.harness.tools import Tool
+from tests.harness.training_operator import (
+    GROUP as PYTORCHJOB_GROUP,
+)
+from tests.harness.training_operator import (
+    PLURAL as PYTORCHJOB_PLURAL,
+)
+from tests.harness.training_operator import (
+    TRAINER_ENTRYPOINT,
+    TrainingOperator,
+    wait_until,
+)
+from tests.harness.training_operator import (
+    VERSION as PYTORCHJOB_VERSION,
+)
+
+ORG = "default"
+MODEL = "tiny-llama"
+CONTEXT_LENGTH = 256
+CREDENTIALS_SECRET = "trainer-env"
+# 40 examples, 2 epochs of batch 4: 20 optimizer steps, a checkpoint every 5.
+N_EXAMPLES = 40
+PLANNED_STEPS = 20
+JOB_TIMEOUT = 180.0
+# What a trainer pod's image environment would hold on this host: offline, one thread each
+# (two replicas share two cores).
+NODE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests/trainer tiny Llama and tokenizer, saved once per session."""
+    from tests.trainer.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def sft_rows(n: int = N_EXAMPLES) -> list[dict[str, Any]]:
+    """Chat examples the tiny model trains on."""
+    from tests.trainer.tiny import sft_examples
+
+    return sft_examples(n)
+
+
+def jsonl(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Rows as JSONL."""
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+@dataclass
+class Testbed:
+    """One test's world: namespace, store prefix, operator process, training-operator."""
+
+    __test__ = False  # not a test class, despite its name
+
+    namespace: str
+    store: ObjectStore
+    store_settings: ObjectStoreSettings
+    api_client: Any
+    kubectl: Tool
+    operator: OperatorProcess
+    trainers: TrainingOperator
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        self.custom: Any = client.CustomObjectsApi(self.api_client)
+        self.core: Any = client.CoreV1Api(self.api_client)
+
+    @property
+    def layout(self) -> Any:
+        """The store's key builder (with this test's prefix)."""
+        return self.store_settings.layout()
+
+    # -- inputs --------------------------------------------------------------------------------
+    def upload(self, data: bytes, *, stats: dict[str, Any] | None = None) -> str:
+        """Store a file as the API does: bytes, then metadata with its validation report."""
+        file_id = new_file_id()
+        self.store.put_bytes(self.layout.file_key(ORG, file_id), data)
+        report = validate_jsonl([data], min_examples=1)
+        meta = FileMeta(
+            id=file_id,
+            org=ORG,
+            filename="train.jsonl",
+            purpose=FilePurpose.FINE_TUNE,
+            bytes=len(data),
+            created_at=int(time.time()),
+            sha256=report.sha256,
+            stats=report.model_dump(mode="json") if stats is None else stats,
+        )
+        self.store.put_json(self.layout.file_meta_key(ORG, file_id), meta.model_dump(mode="json"))
+        return file_id
+
+    def manifest(self, training_file: str, name: str | None = None, **spec: Any) -> dict[str, Any]:
+        """A FineTuneJob for the tiny model: 2 nodes, CPU, 20 steps."""
+        hyperparameters = {
+            "nEpochs": 2,
+            "batchSize": 4,
+            "learningRateMultiplier": 1.0,
+            **spec.pop("hyperparameters", {}),
+        }
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {
+                "name": name or new_job_id(),
+                "namespace": self.namespace,
+                "labels": {LABEL_ORG: ORG},
+            },
+            "spec": {
+                "org": ORG,
+                "model": MODEL,
+                "trainingFile": training_file,
+                "seed": 1234,
+                "method": {"type": "supervised", "hyperparameters": hyperparameters},
+                "adapter": {"type": "lora", "r": 8, "alpha": 16},
+                "resources": {"nodes": 2, "gpusPerNode": 0},
+                "checkpointing": {"everySteps": 5, "keep": 2},
+                **spec,
+            },
+        }
+
+    def apply(self, manifest: dict[str, Any]) -> str:
+        """``kubectl apply -f -`` the manifest; returns the job's name."""
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+        return str(manifest["metadata"]["name"])
+
+    def submit(self, rows: Sequence[Mapping[str, Any]] | None = None, **spec: Any) -> str:
+        """Upload training data and apply a job on it."""
+        return self.apply(self.manifest(self.upload(jsonl(rows or sft_rows())), **spec))
+
+    def patch_spec(self, name: str, **fields: Any) -> None:
+        """``kubectl patch --type merge`` the job's spec (how a user pauses or cancels)."""
+        body = json.dumps({"spec": fields})
+        self.kubectl(
+            "patch", "finetunejob", name, "-n", self.namespace, "--type", "merge", "-p", body
+        )
+
+    # -- observations --------------------------------------------------------------------------
+    def job(self, name: str) -> dict[str, Any]:
+        """The FineTuneJob object."""
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return result
+
+    def status(self, name: str) -> FineTuneJobStatus:
+        """The job's status (empty before the operator wrote one)."""
+        return FineTuneJobStatus.model_validate(self.job(name).get("status") or {})
+
+    def pytorchjobs(self) -> list[dict[str, Any]]:
+        """Every PyTorchJob in the namespace."""
+        items: list[dict[str, Any]] = self.custom.list_namespaced_custom_object(
+            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL
+        )["items"]
+        return items
+
+    def kube_events(self, name: str) -> list[Any]:
+        """The Kubernetes Events about the job, oldest first."""
+        events = self.core.list_namespaced_event(
+            self.namespace,
+            field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob",
+        ).items
+        # eventTime has microseconds; firstTimestamp only seconds.
+        return sorted(events, key=lambda e: e.event_time or e.first_timestamp)
+
+    def job_events(self, name: str) -> list[JobEvent]:
+        """The job's event log in the store (trainer, API and operator events)."""
+        return read_events(self.store, self.layout.events_prefix(ORG, name))
+
+    def debug(self, name: str | None = None) -> str:
+        """Everything useful when a wait times out."""
+        parts = []
+        if name is not None:
+            try:
+                parts.append(f"status: {json.dumps(self.job(name).get('status'), indent=1)}")
+            except Exception as exc:
+                parts.append(f"status: unavailable ({exc!r})")
+            parts.append(f"replica logs:\n{self.trainers.logs(name)}")
+        parts.append(f"fixture errors: {self.trainers.errors[-5:]}")
+        parts.append(self.operator.logs())
+        return "\n".join(parts)
+
+    def wait_phase(
+        self, name: str, *phases: JobPhase, timeout: float = JOB_TIMEOUT
+    ) -> FineTuneJobStatus:
+        """Wait until the job is in one of ``phases``; a terminal phase not asked for fails."""
+
+        def reached() -> FineTuneJobStatus | None:
+            status = self.status(name)
+            if status.phase in phases:
+                return status
+            terminal = {JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED}
+            if status.phase in terminal:
+                raise AssertionError(
+                    f"{name} ended {status.phase} while waiting for {phases}\n{self.debug(name)}"
+                )
+            return None
+
+        result: FineTuneJobStatus = wait_until(
+            reached, timeout, f"{name} to reach {phases}", lambda: self.debug(name)
+        )
+        return result
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = JOB_TIMEOUT) -> Any:
+        """Wait for ``predicate`` with this testbed's debug output on timeout."""
+        return wait_until(predicate, timeout, what, self.debug)
+
+
+def operator_env(
+    kube: KubeCluster, s3: S3Server, namespace: str, model: Path, **settings: str
+) -> dict[str, str]:
+    """The operator's environment: cluster, store (own prefix), catalogue, fast polling."""
+    env = {
+        **kube.env(),
+        **s3.env(),
+        "KUBETUNE_MODE": "kubernetes",
+        "KUBETUNE_KUBERNETES__NAMESPACE": namespace,
+        "KUBETUNE_OBJECT_STORE__PREFIX": namespace,
+        "KUBETUNE_MODELS": json.dumps(
+            [{"id": MODEL, "path": str(model), "context_length": CONTEXT_LENGTH}]
+        ),
+        "KUBETUNE_OPERATOR__CREDENTIALS_SECRET": CREDENTIALS_SECRET,
+        "KUBETUNE_OPERATOR__RECONCILE_SECONDS": "1",
+        "KUBETUNE_OPERATOR__PROGRESS_SECONDS": "0.5",
+        "KUBETUNE_OPERATOR__TRAINER_METRICS_PORT": "0",
+        "KUBETUNE_OPERATOR__TERMINATION_GRACE_SECONDS": "60",
+        "KUBETUNE_LIMITS__MIN_EXAMPLES": "10",
+    }
+    env.update({f"KUBETUNE_OPERATOR__{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+@pytest.fixture
+def make_testbed(
+    kube: KubeCluster,
+    kube_api: Any,
+    namespace: str,
+    s3: S3Server,
+    kubectl: Tool,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> Iterator[Callable[..., Testbed]]:
+    """Build this test's testbed: ``make_testbed(entrypoint=..., **operator_settings)``."""
+    from kubernetes import client
+
+    made: list[Testbed] = []
+    # The trainer pods' credentials, as a Secret the operator's settings name (envFrom).
+    core: Any = client.CoreV1Api(kube_api)
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": CREDENTIALS_SECRET},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_DEFAULT_REGION": REGION,
+            },
+        },
+    )
+
+    def make(
+        *,
+        entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
+        start_operator: bool = True,
+        **settings: str,
+    ) -> Testbed:
+        store_settings = ObjectStoreSettings(
+            backend="s3",
+            bucket=s3.bucket,
+            prefix=namespace,
+            endpoint_url=s3.endpoint_url,
+            region=REGION,
+        )
+        trainers = TrainingOperator(
+            kube.api_client(),
+            namespace,
+            tmp_path / "pods",
+            entrypoint=entrypoint,
+            node_env=NODE_ENV,
+        ).start()
+        (tmp_path / "pods").mkdir(exist_ok=True)
+        operator = OperatorProcess(
+            operator_env(kube, s3, namespace, tiny_model, **settings), tmp_path
+        )
+        testbed = Testbed(
+            namespace=namespace,
+            store=S3ObjectStore(s3.bucket, client=s3.client(), internal_prefix=namespace),
+            store_settings=store_settings,
+            api_client=kube.api_client(),
+            kubectl=kubectl,
+            operator=operator,
+            trainers=trainers,
+        )
+        made.append(testbed)
+        if start_operator:
+            operator.start()
+        return testbed
+
+    yield make
+    for testbed in made:
+        testbed.operator.stop()
+        testbed.trainers.stop()
+
+
+@pytest.fixture
+def testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
+    """The default testbed: the real trainer, operator running."""
+    return make_testbed()
+
+
+def new_name() -> str:
+    """A fresh job name."""
+    return new_job_id()
+
+
+def unique(prefix: str) -> str:
+    """A short unique DNS label."""
+    return f"{prefix}-{secrets.token_hex(3)}"
