@@ -587,8 +587,11 @@ class TrainingOperator:
         env.update(self._operator_env(run, obj, replica))
         if "/tmp" in mounts:  # the container's /tmp, not ours
             env["TMPDIR"] = str(mounts["/tmp"])
-        command = container.get("command") or self.entrypoint
-        argv = [self._translate(a, mounts) for a in [*command, *(container.get("args") or [])]]
+        # The image's entrypoint is a host command (this venv's python), not a container path:
+        # only what the container spec says is translated to the volumes the fixture mounts.
+        container_command = container.get("command") or []
+        command = [self._translate(c, mounts) for c in container_command] or self.entrypoint
+        argv = [*command, *(self._translate(a, mounts) for a in container.get("args") or [])]
         cwd = Path(self._translate(container.get("workingDir") or "", mounts) or root)
         log_path = run.workdir / f"{replica.name}-{attempt}.log"
         with log_path.open("wb") as log:
