@@ -95,6 +95,19 @@ class KubernetesJobBackend(JobBackend):
         jobs = [self._parse(item, org) for item in result.get("items", [])]
         return [j for j in jobs if j is not None]
 
+    def _create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = self._remember(
+            self._call(
+                self._api.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                manifest,
+            )
+        )
+        return created
+
     def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
         """See :meth:`JobBackend.create`.
 
@@ -106,16 +119,7 @@ class KubernetesJobBackend(JobBackend):
         labels = manifest["metadata"].setdefault("labels", {})
         labels[LABEL_ORG] = job.spec.org
         if idempotency_key is None:
-            created = self._remember(
-                self._call(
-                    self._api.create_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    PLURAL,
-                    manifest,
-                )
-            )
+            created = self._create(manifest)
             return FineTuneJob.from_manifest(created), True
         label = idempotency_label(job.spec.org, idempotency_key)
         with self._create_lock:
@@ -126,16 +130,7 @@ class KubernetesJobBackend(JobBackend):
             manifest["metadata"].setdefault("annotations", {})[ANNOTATION_IDEMPOTENCY_KEY] = (
                 idempotency_key[:256]
             )
-            created = self._remember(
-                self._call(
-                    self._api.create_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    PLURAL,
-                    manifest,
-                )
-            )
+            created = self._create(manifest)
         return FineTuneJob.from_manifest(created), True
 
     def get(self, org: str, job_id: str) -> FineTuneJob | None:
