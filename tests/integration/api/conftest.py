@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kubetune.settings import Settings
-from tests.harness.api import ApiServer, start_api
+from tests.harness.api import ApiServer, backend_env, start_api
 
 TOKENIZER_WORDS = [
     "the",
@@ -145,41 +145,13 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _models_env(tokenizer: Path) -> str:
-    return json.dumps(
-        [
-            {
-                "id": "tiny-llama",
-                "owned_by": "kubetune",
-                "created": 1_700_000_000,
-                "tokenizer": str(tokenizer),
-                "context_length": 512,
-            },
-            {"id": "tiny-llama-2", "owned_by": "kubetune", "created": 1_700_000_001},
-        ]
-    )
-
-
-def _common_env(tokenizer: Path) -> dict[str, str]:
-    return {
-        "KUBETUNE_MODELS": _models_env(tokenizer),
-        # Tests create many jobs; the per-org limits are exercised by their own tests.
-        "KUBETUNE_LIMITS__MAX_ACTIVE_JOBS_PER_ORG": "1000",
-        "KUBETUNE_API__REQUESTS_PER_MINUTE": "100000",
-    }
-
-
 @pytest.fixture(scope="session")
 def local_api(
     tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path
 ) -> Iterator[ApiServer]:
     """The API in local mode."""
     data = tmp_path_factory.mktemp("api-local")
-    env = {
-        **_common_env(tiny_tokenizer),
-        "KUBETUNE_MODE": "local",
-        "KUBETUNE_OBJECT_STORE__BACKEND": "local",
-    }
+    env = backend_env("local", tokenizer=tiny_tokenizer)
     server = start_api(data, env, "local")
     yield server
     server.stop()
@@ -196,14 +168,13 @@ def kube_api_server(
     core: Any = client.CoreV1Api(kube.api_client())
     core.create_namespace({"metadata": {"name": namespace}})
     data = tmp_path_factory.mktemp("api-kube")
-    env = {
-        **_common_env(tiny_tokenizer),
-        **s3.env(),
-        "KUBETUNE_MODE": "kubernetes",
-        "KUBETUNE_OBJECT_STORE__PREFIX": "api-tests",
-        "KUBETUNE_KUBERNETES__KUBECONFIG": str(kube.kubeconfig),
-        "KUBETUNE_KUBERNETES__NAMESPACE": namespace,
-    }
+    env = backend_env(
+        "kubernetes",
+        tokenizer=tiny_tokenizer,
+        s3_env=s3.env(),
+        kubeconfig=kube.kubeconfig,
+        namespace=namespace,
+    )
     server = start_api(data, env, "kubernetes")
     yield server
     server.stop()
