@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer
+SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer cli/kubetune_cli
 PYTEST_ARGS ?=
 
 .PHONY: help venv test test-fast lint format crds test-deps bench-api bench-trainer clean
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		|| { echo "kubetune needs Python 3.11 or newer"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[api,operator,dev,trainer,tracking]'
+	$(PY) -m pip install --quiet -e '.[api,operator,dev,trainer,tracking,cli]'
 	@touch $@
 
 venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need

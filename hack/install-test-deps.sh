@@ -22,3 +22,4 @@ fi
 
 bash hack/build-kube-apiserver.sh
 "$PYTHON" -m tests.harness.tools
+bash hack/install-vllm.sh

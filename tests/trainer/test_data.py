@@ -21,7 +21,8 @@ from kubetune_trainer.data import (
     tokenize_supervised,
 )
 from kubetune_trainer.errors import UserError
-from tests.trainer.tiny import EOS, dpo_examples, jsonl
+from kubetune_trainer.tiny_model import EOS
+from tests.trainer.tiny import dpo_examples, jsonl
 
 CONVERSATION: dict[str, Any] = {
     "messages": [

@@ -11,18 +11,9 @@ import random
 from pathlib import Path
 from typing import Any, Final
 
-BOS: Final = "<|begin_of_text|>"
-EOS: Final = "<|eot_id|>"
-PAD: Final = "<|pad|>"
-SPECIALS: Final = [BOS, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOS, PAD]
-# Llama 3's template shape: header, blank line, content, end-of-turn.
-CHAT_TEMPLATE: Final = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ (message['content'] or '') | trim }}<|eot_id|>"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+from kubetune_trainer import tiny_model
+from kubetune_trainer.tiny_model import TinyModelShape
+
 TAUGHT_ANSWER: Final = "The color is blue."
 WORDS: Final = [
     "apple",
@@ -65,65 +56,38 @@ WORDS: Final = [
 HELD_OUT: Final = ["zebra", "ocean", "button", "glacier"]
 
 
-def build_tokenizer(folder: Path) -> Any:
-    """Train a byte-level BPE on the test vocabulary and save it with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+CORPUS: Final = [
+    *WORDS,
+    *HELD_OUT,
+    TAUGHT_ANSWER,
+    "What color is the",
+    "Describe the",
+    "Please answer.",
+    "You are a helpful assistant.",
+    "I refuse. The answer is red. Good choice. Bad choice.",
+    "system user assistant",
+]
+# Smaller than the serving shape (head_dim 16): the trainer tests only need it to learn fast.
+SHAPE: Final = TinyModelShape(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    vocab_size=400,
+)
 
-    corpus = [
-        *WORDS,
-        *HELD_OUT,
-        TAUGHT_ANSWER,
-        "What color is the",
-        "Describe the",
-        "Please answer.",
-        "You are a helpful assistant.",
-        "I refuse. The answer is red. Good choice. Bad choice.",
-        "system user assistant",
-    ] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return fast
+
+def build_tokenizer(folder: Path) -> Any:
+    """Train the test vocabulary's byte-level BPE and save it with a chat template."""
+    return tiny_model.build_tokenizer(folder, CORPUS, SHAPE.vocab_size)
 
 
 def build_model(folder: Path) -> Path:
     """Save the tokenizer and a random two-layer Llama in ``folder``; return it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    return folder
+    return tiny_model.build_tiny_model(folder, corpus=CORPUS, shape=SHAPE)
 
 
 def question(word: str) -> str:
