@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import openai
 import typer
 from typer.core import TyperGroup
@@ -27,7 +26,9 @@ class ApiErrorsGroup(TyperGroup):
     One place for it, so no command can leak a traceback for an error the user can act on.
     """
 
-    def invoke(self, ctx: click.Context) -> Any:
+    # ``ctx`` is typer's vendored click Context, which typer does not export under a public
+    # name; Any keeps the override compatible without importing a private module.
+    def invoke(self, ctx: Any) -> Any:
         """Run the command; map OpenAI SDK errors to :class:`ExitCode`."""
         try:
             return super().invoke(ctx)
@@ -37,7 +38,7 @@ class ApiErrorsGroup(TyperGroup):
             fail(describe_connection_error(exc, _base_url(ctx)), ExitCode.UNREACHABLE)
 
 
-def _base_url(ctx: click.Context) -> str:
+def _base_url(ctx: Any) -> str:
     conn = ctx.obj
     return conn.base_url if isinstance(conn, Connection) else DEFAULT_BASE_URL
 

@@ -1,0 +1,41 @@
+"""``kubetune models``: base models and your fine-tuned models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kubetune_cli.context import connection
+from kubetune_cli.output import Column, as_dict, print_json, show_list, stdout, timestamp
+
+app = typer.Typer(help="List and delete models.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+MODEL_COLUMNS: list[Column] = [
+    ("ID", lambda m: m.id),
+    ("OWNED BY", lambda m: m.owned_by),
+    ("CREATED (UTC)", lambda m: timestamp(m.created)),
+]
+
+
+@app.command("list")
+def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the base models you can fine-tune and your fine-tuned models."""
+    models = list(connection(ctx).client().models.list())
+    show_list(models, MODEL_COLUMNS, as_json=as_json, title="Models")
+
+
+@app.command("rm")
+def remove(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="A fine-tuned model (ft:…).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a fine-tuned model; it is unloaded from serving everywhere."""
+    deleted = connection(ctx).client().models.delete(model_id)
+    if as_json:
+        print_json(as_dict(deleted))
+    else:
+        stdout.print(f"Deleted {deleted.id}")
