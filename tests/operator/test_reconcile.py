@@ -17,8 +17,8 @@ from kubetune.finetunejob import (
     JobPhase,
 )
 from kubetune.lifecycle import can_transition
-from kubetune.trainer_events import TrainerEventKind, message_data
-from kubetune_operator.reconcile import (
+from kubetune.observed import Observed, observe
+from kubetune.reconcile import (
     advance,
     cancel,
     fail,
@@ -30,7 +30,7 @@ from kubetune_operator.reconcile import (
     transition_path,
     user_error,
 )
-from kubetune_operator.status import Observed, observe
+from kubetune.trainer_events import TrainerEventKind, message_data
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)

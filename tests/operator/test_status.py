@@ -3,7 +3,7 @@
 import pytest
 
 from kubetune.finetunejob import ErrorKind, JobPhase
-from kubetune_operator.status import classify_failure, observe
+from kubetune.observed import classify_failure, observe
 
 
 def conditions(*types: str, false: tuple[str, ...] = ()):
