@@ -39,6 +39,8 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 LABEL_ORG: Final = f"{GROUP}/org"
 LABEL_JOB: Final = f"{GROUP}/job"
 LABEL_BASE_MODEL: Final = f"{GROUP}/base-model"
+# Set by the API when a fine-tuned model is deleted: its adapter is unloaded everywhere.
+ANNOTATION_MODEL_DELETED: Final = f"{GROUP}/model-deleted"
 
 # Org names appear in object-store keys and label values: a DNS-1123 label keeps both safe.
 ORG_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -471,6 +473,11 @@ class FineTuneJobStatus(CRModel):
     )
     served_on: list[Annotated[str, StringConstraints(max_length=253)]] = Field(
         default_factory=list, max_length=64, description="vLLM replicas the adapter is loaded on."
+    )
+    serving_error: JobError | None = Field(
+        default=None,
+        description="Why the adapter cannot be served (the job itself succeeded), e.g. a LoRA "
+        "rank above the vLLM deployment's limit.",
     )
     error: JobError | None = Field(default=None, description="Why the job failed.")
     restarts: int = Field(default=0, ge=0, description="Times the trainer was restarted.")

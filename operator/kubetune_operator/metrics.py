@@ -21,6 +21,9 @@ from prometheus_client.registry import Collector
 from kubetune.finetunejob import JobPhase
 from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune.observability import (
+    OPERATOR_ADAPTER_REGISTRATION_SECONDS,
+    OPERATOR_ADAPTER_REGISTRATIONS,
+    OPERATOR_ADAPTERS_LOADED,
     OPERATOR_JOBS,
     OPERATOR_JOBS_FINISHED,
     OPERATOR_QUEUE_OLDEST,
@@ -33,6 +36,8 @@ from kubetune.observability import (
 # Queueing is seconds to hours; a fine-tuning run minutes to days.
 QUEUE_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 RUN_BUCKETS: Final = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800)
+# Registering an adapter: a download and a load, milliseconds (tiny) to minutes (large).
+REGISTRATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,21 @@ class JobsCollector(Collector):
         )
 
 
+class AdaptersLoadedCollector(Collector):
+    """Adapters loaded per vLLM replica, from the replicas' last reports at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauge (one series per ready replica)."""
+        spec = OPERATOR_ADAPTERS_LOADED
+        gauge = GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+        for replica, base_model, count in self._snapshot():
+            gauge.add_metric([replica, base_model], count)
+        yield gauge
+
+
 @dataclass
 class OperatorMetrics:
     """The operator's metric objects, in a registry of their own (no process collectors)."""
@@ -90,6 +110,12 @@ class OperatorMetrics:
         self.queue_wait = _histogram(OPERATOR_QUEUE_WAIT, self.registry, QUEUE_BUCKETS)
         self.run_seconds = _histogram(OPERATOR_RUN_SECONDS, self.registry, RUN_BUCKETS)
         self.reconcile_errors = _counter(OPERATOR_RECONCILE_ERRORS, self.registry)
+        self.adapter_registration_seconds = _histogram(
+            OPERATOR_ADAPTER_REGISTRATION_SECONDS, self.registry, REGISTRATION_BUCKETS
+        )
+        self.adapter_registrations = _counter(OPERATOR_ADAPTER_REGISTRATIONS, self.registry)
+        self.registry.register(AdaptersLoadedCollector(lambda: self.adapters_loaded()))
+        self.adapters_loaded: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
         self._collector: JobsCollector | None = None
 
     def watch_index(self, snapshot: Callable[[], Iterable[tuple[str, IndexedJob]]]) -> None:

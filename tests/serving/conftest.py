@@ -1,0 +1,184 @@
+"""Fixtures for the serving tests: real vLLM servers on CPU serving the tiny base model, the
+adapter-sync sidecar as a real process beside each, and vLLM "pods" the operator can find.
+
+There is no kubelet in the test cluster: a replica's Pod is created and its status written by
+the test (Running, Ready, podIP 127.0.0.1), with the sidecar's port in the container port
+named ``adapter-sync``, exactly where the chart puts it. The jobs train on the same head_dim-32
+base model vLLM serves (the operator testbed's ``tiny_model`` is overridden here).
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kubetune.finetunejob import LABEL_BASE_MODEL
+from tests.harness.paths import REPO_ROOT, free_port
+from tests.harness.procs import ServerProcess
+from tests.harness.s3 import S3Server
+from tests.harness.vllm import VllmServer, build_serving_model
+from tests.operator.conftest import MODEL, Testbed, make_testbed  # noqa: F401 - fixtures
+
+MAX_LORA_RANK = 16
+SYNC_SECONDS = "2"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base model both the trainer and vLLM use (vLLM's shape: head_dim 32)."""
+    return build_serving_model(tmp_path_factory.mktemp("serving-model"))
+
+
+@pytest.fixture(scope="session")
+def vllm_a(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """The first vLLM replica, started once per session."""
+    server = VllmServer.start(
+        tiny_model, MODEL, tmp_path_factory.mktemp("vllm-a"), max_lora_rank=MAX_LORA_RANK
+    )
+    yield server
+    server.stop()
+
+
+@dataclass
+class Sidecar:
+    """One adapter-sync process beside one vLLM server."""
+
+    process: ServerProcess
+    port: int
+    adapter_dir: Path
+    vllm: VllmServer
+
+    @property
+    def url(self) -> str:
+        """Its base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        """Whether /healthz answers."""
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:  # noqa: S310
+            return int(resp.status) == 200
+
+
+def sidecar_env(
+    s3: S3Server, namespace: str, vllm: VllmServer, model: Path, adapter_dir: Path, port: int
+) -> dict[str, str]:
+    """The sidecar's environment, as the chart sets it (loopback here)."""
+    return {
+        **s3.env(),
+        "KUBETUNE_MODE": "kubernetes",
+        "KUBETUNE_OBJECT_STORE__PREFIX": namespace,
+        "KUBETUNE_SERVING__BASE_MODEL": MODEL,
+        "KUBETUNE_SERVING__ADAPTER_DIR": str(adapter_dir),
+        "KUBETUNE_SERVING__VLLM_MODEL": str(model),
+        "KUBETUNE_SERVING__VLLM_URL": vllm.base_url,
+        "KUBETUNE_SERVING__ADAPTER_SYNC_HOST": "127.0.0.1",
+        "KUBETUNE_SERVING__ADAPTER_SYNC_PORT": str(port),
+        "KUBETUNE_SERVING__MAX_LORA_RANK": str(vllm.launch.max_lora_rank),
+    }
+
+
+@pytest.fixture
+def start_sidecar(
+    s3: S3Server, namespace: str, tiny_model: Path, tmp_path: Path
+) -> Iterator[Callable[[VllmServer, str], Sidecar]]:
+    """``start_sidecar(vllm, name)``: a sidecar process for ``vllm`` (stopped after the test)."""
+    started: list[Sidecar] = []
+
+    def start(vllm: VllmServer, name: str) -> Sidecar:
+        port = free_port()
+        adapter_dir = tmp_path / f"adapters-{name}"
+        adapter_dir.mkdir()
+        process = ServerProcess(
+            f"adapter-sync-{name}",
+            [sys.executable, "-m", "kubetune_operator.adapter_sync"],
+            tmp_path / f"adapter-sync-{name}.log",
+            env=sidecar_env(s3, namespace, vllm, tiny_model, adapter_dir, port),
+            cwd=REPO_ROOT,
+        )
+        sidecar = Sidecar(process, port, adapter_dir, vllm)
+        started.append(sidecar)
+        process.wait_until(sidecar.healthy, 60, "serving /healthz")
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        sidecar.process.stop()
+
+
+def vllm_pod(name: str, sidecar_port: int) -> dict[str, Any]:
+    """A vLLM replica's Pod as the chart's Deployment makes it (the parts the operator reads)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/component": "vllm", LABEL_BASE_MODEL: MODEL},
+            "annotations": {"kubetune.io/base-model-id": MODEL},
+        },
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": "vllm",
+                    "ports": [{"name": "http", "containerPort": 8000}],
+                },
+                {
+                    "name": "adapter-sync",
+                    "image": "operator",
+                    "ports": [{"name": "adapter-sync", "containerPort": sidecar_port}],
+                },
+            ],
+        },
+    }
+
+
+def start_replica(testbed: Testbed, name: str, sidecar: Sidecar) -> None:
+    """Create the replica's Pod and write its status as a kubelet would once it is ready."""
+    testbed.core.create_namespaced_pod(testbed.namespace, vllm_pod(name, sidecar.port))
+    testbed.core.patch_namespaced_pod_status(
+        name,
+        testbed.namespace,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        },
+    )
+
+
+def serving_testbed(make: Callable[..., Testbed]) -> Testbed:
+    """An operator testbed that syncs replicas every SYNC_SECONDS."""
+    testbed = make(start_operator=False)
+    testbed.operator.env["KUBETUNE_SERVING__SYNC_SECONDS"] = SYNC_SECONDS
+    testbed.operator.start()
+    return testbed
+
+
+def complete(vllm: VllmServer, model: str, prompt: str) -> str:
+    """A greedy chat completion from ``model`` on ``vllm``, asked as the training data asks."""
+    response = httpx.post(
+        f"{vllm.base_url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "Please answer."},
+                {"role": "user", "content": prompt},
+            ],
+            "temperature": 0,
+            "max_tokens": 12,
+        },
+        timeout=60,
+    )
+    response.raise_for_status()
+    return str(response.json()["choices"][0]["message"]["content"])

@@ -1,0 +1,192 @@
+"""Issue 7, serving: adapters of succeeded jobs are loaded on every ready vLLM replica of their
+base model, replicas that start later catch up, deleting the model unloads it everywhere, and
+an adapter vLLM cannot serve is a clear error on the job and in an Event.
+
+Real parts only: the operator as a process against the real apiserver, the real trainer, S3
+(moto's server), real vLLM servers on CPU and the adapter-sync sidecar as a process beside each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase
+from tests.harness.vllm import VllmServer
+from tests.operator.conftest import Testbed, jsonl, sft_rows
+from tests.serving.conftest import (
+    MAX_LORA_RANK,
+    SYNC_SECONDS,
+    Sidecar,
+    complete,
+    serving_testbed,
+    start_replica,
+)
+from tests.trainer.tiny import question
+
+pytestmark = [pytest.mark.xdist_group("vllm"), pytest.mark.timeout(900)]
+
+SERVE_TIMEOUT = 120.0
+TRAIN_TIMEOUT = 400.0
+# One node (two cores are shared with two vLLM servers), a strong learning rate: a completion
+# through the adapter must differ from the base model's.
+JOB_SPEC: dict[str, Any] = {
+    "resources": {"nodes": 1, "gpusPerNode": 0},
+    "hyperparameters": {"nEpochs": 2, "batchSize": 4, "learningRateMultiplier": 10.0},
+    "checkpointing": {"everySteps": 100, "keep": 1},
+}
+
+
+def submit(testbed: Testbed, rank: int) -> str:
+    """A job that trains a LoRA adapter of ``rank`` on 24 examples."""
+    manifest = testbed.manifest(
+        testbed.upload(jsonl(sft_rows(24))),
+        adapter={"type": "lora", "r": rank, "alpha": 2 * rank},
+        **json.loads(json.dumps(JOB_SPEC)),
+    )
+    return testbed.apply(manifest)
+
+
+def served_on(testbed: Testbed, name: str) -> list[str]:
+    """The job's status.servedOn."""
+    return list(testbed.status(name).served_on)
+
+
+def condition(testbed: Testbed, name: str, type_: str) -> Any:
+    """One condition of the job's status, or None."""
+    return next((c for c in testbed.status(name).conditions if c.type == type_), None)
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a /metrics page."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_deleted(
+    make_testbed: Callable[..., Testbed],
+    start_sidecar: Callable[[VllmServer, str], Sidecar],
+    vllm_a: VllmServer,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    testbed = serving_testbed(make_testbed)
+    sidecar_a = start_sidecar(vllm_a, "a")
+    start_replica(testbed, "vllm-a", sidecar_a)
+
+    name = submit(testbed, rank=8)
+    status = testbed.wait_phase(name, JobPhase.SUCCEEDED, timeout=TRAIN_TIMEOUT)
+    model = status.fine_tuned_model
+    assert model is not None
+    assert model.startswith("ft:")
+    testbed.wait(lambda: served_on(testbed, name) == ["vllm-a"], "served on vllm-a", SERVE_TIMEOUT)
+    assert model in vllm_a.adapters()
+    assert (sidecar_a.adapter_dir / model / "adapter_config.json").exists()
+
+    # A replica started after the job succeeded catches up.
+    vllm_b = VllmServer.start(tiny_model, vllm_a.launch.served_model_name, tmp_path)
+    try:
+        assert vllm_b.adapters() == set()
+        sidecar_b = start_sidecar(vllm_b, "b")
+        start_replica(testbed, "vllm-b", sidecar_b)
+        testbed.wait(
+            lambda: served_on(testbed, name) == ["vllm-a", "vllm-b"],
+            "served on both replicas",
+            SERVE_TIMEOUT,
+        )
+        assert model in vllm_a.adapters()
+        assert model in vllm_b.adapters()
+        served = condition(testbed, name, "Served")
+        assert served.status == "True"
+        assert "2 of 2" in served.message
+        stored = json.loads((sidecar_b.adapter_dir / model / "adapter_config.json").read_text())
+        assert stored["base_model_name_or_path"] == str(tiny_model)  # vLLM's --model
+
+        # The adapter the job trained answers differently from the base model, on both.
+        prompt = question("apple")
+        for vllm in (vllm_a, vllm_b):
+            base = complete(vllm, vllm.launch.served_model_name, prompt)
+            tuned = complete(vllm, model, prompt)
+            assert tuned != base, (base, tuned)
+        assert complete(vllm_a, model, prompt) == complete(vllm_b, model, prompt)
+
+        page = testbed.operator.metrics()
+        for replica in ("vllm-a", "vllm-b"):
+            assert metric(page, "kubetune_operator_adapters_loaded", replica=replica) == 1
+        assert metric(page, "kubetune_operator_adapter_registrations_total", result="success") == 2
+        assert metric(page, "kubetune_operator_adapter_registration_seconds_count") == 2
+        kinds = {e.reason: e.type for e in testbed.kube_events(name)}
+        assert kinds.get("Served") == "Normal"
+
+        # Deleting the model (what DELETE /v1/models/{id} does) unloads it from both.
+        testbed.kubectl(
+            "annotate", "finetunejob", name, "-n", testbed.namespace,
+            f"{ANNOTATION_MODEL_DELETED}=true",
+        )  # fmt: skip
+        testbed.wait(
+            lambda: not vllm_a.adapters() and not vllm_b.adapters(),
+            "unloaded from both replicas",
+            SERVE_TIMEOUT,
+        )
+        testbed.wait(lambda: served_on(testbed, name) == [], "servedOn emptied", SERVE_TIMEOUT)
+        assert condition(testbed, name, "Served").reason == "ModelDeleted"
+        assert not (sidecar_a.adapter_dir / model).exists()
+        assert not (sidecar_b.adapter_dir / model).exists()
+        time.sleep(3 * float(SYNC_SECONDS))  # a few periodic syncs later it stays unloaded
+        assert not vllm_a.adapters()
+        assert not vllm_b.adapters()
+    finally:
+        vllm_b.stop()
+
+
+def test_an_adapter_above_max_lora_rank_is_a_clear_error_on_the_job_and_in_an_event(
+    make_testbed: Callable[..., Testbed],
+    start_sidecar: Callable[[VllmServer, str], Sidecar],
+    vllm_a: VllmServer,
+) -> None:
+    testbed = serving_testbed(make_testbed)
+    sidecar = start_sidecar(vllm_a, "a")
+    start_replica(testbed, "vllm-a", sidecar)
+
+    name = submit(testbed, rank=2 * MAX_LORA_RANK)
+    testbed.wait_phase(name, JobPhase.SUCCEEDED, timeout=TRAIN_TIMEOUT)
+
+    error = testbed.wait(
+        lambda: testbed.status(name).serving_error, "a serving error", SERVE_TIMEOUT
+    )
+    assert error.code == "adapter_rank_too_large"
+    assert error.param == "adapter.r"
+    assert error.kind == "user"
+    assert "rank 32" in error.message
+    assert "--max-lora-rank 16" in error.message
+    served = condition(testbed, name, "Served")
+    assert served.status == "False"
+    assert served.reason == "AdapterRejected"
+    assert "rank 32" in served.message
+    assert testbed.status(name).phase is JobPhase.SUCCEEDED  # the training itself succeeded
+    assert served_on(testbed, name) == []
+
+    def warnings() -> list[Any]:
+        return [e for e in testbed.kube_events(name) if e.reason == "AdapterRejected"]
+
+    testbed.wait(warnings, "the AdapterRejected event", 30)
+    time.sleep(3 * float(SYNC_SECONDS))  # several periodic syncs later: still reported once
+    (event,) = warnings()
+    assert event.type == "Warning"
+    assert "rank 32" in event.message
+    model = testbed.status(name).fine_tuned_model
+    assert model not in vllm_a.adapters()
+    assert not any(sidecar.adapter_dir.iterdir())  # nothing left for vLLM's resolver
+    page = testbed.operator.metrics()
+    assert metric(page, "kubetune_operator_adapter_registrations_total", result="failure") == 1
