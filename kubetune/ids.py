@@ -143,3 +143,36 @@ def results_file_id(job_id: str) -> str:
     """
     _, _, body = job_id.partition("-")
     return f"{IdKind.FILE.value}-{body}"
+
+
+# Webhooks (OpenAI's shapes: ``evt_…`` events). Event and message ids are derived, not drawn,
+# so a repeated terminal transition (operator restart) names the same event and delivery.
+WEBHOOK_ENDPOINT_ID_PATTERN: Final = r"^we_[0-9a-f]{32}$"
+WEBHOOK_EVENT_ID_PATTERN: Final = r"^evt_[0-9a-f]{32}$"
+WEBHOOK_MESSAGE_ID_PATTERN: Final = r"^wh_[0-9a-f]{32}$"
+
+
+def _digest32(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def new_webhook_endpoint_id() -> str:
+    """Return a new random ``we_…`` webhook endpoint id."""
+    return f"we_{secrets.token_hex(16)}"
+
+
+def static_webhook_endpoint_id(org: str, url: str) -> str:
+    """The id of an endpoint configured in settings: stable across restarts."""
+    return "we_" + _digest32("\n".join(("static", org, url)))
+
+
+def webhook_event_id(org: str, job_id: str, event_type: str) -> str:
+    """The ``evt_…`` id of a job's webhook event: one per (org, job, type), never two."""
+    return "evt_" + _digest32("\n".join((org, job_id, event_type)))
+
+
+def webhook_message_id(event_id: str, endpoint_id: str) -> str:
+    """The ``webhook-id`` of one event sent to one endpoint (the same on every retry)."""
+    return "wh_" + _digest32("\n".join((event_id, endpoint_id)))

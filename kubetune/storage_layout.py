@@ -9,6 +9,10 @@ Layout (``<prefix>`` comes from settings and may be empty)::
     <prefix>/orgs/<org>/jobs/<job-id>/checkpoints/step-<n>/  checkpoint; manifest.json written last
     <prefix>/orgs/<org>/jobs/<job-id>/adapter/               final adapter
     <prefix>/orgs/<org>/jobs/<job-id>/results.csv            OpenAI-style results file
+    <prefix>/orgs/<org>/webhooks/endpoints/<we_…>.json       a registered webhook endpoint
+    <prefix>/webhooks/outbox/<wh_…>.json                     a delivery not yet made
+    <prefix>/webhooks/delivered/<wh_…>.json                  written after the receiver's 2xx
+    <prefix>/webhooks/failed/<wh_…>.json                     a delivery given up on
 
 Keys are checked as they are built: an org or id that could escape its folder (``..``, ``/``)
 raises ValueError, so no caller can be talked into reading another tenant's objects.
@@ -21,13 +25,20 @@ from dataclasses import dataclass
 from typing import Final
 
 from kubetune.finetunejob import ORG_PATTERN
-from kubetune.ids import ID_PATTERNS, IdKind
+from kubetune.ids import (
+    ID_PATTERNS,
+    WEBHOOK_ENDPOINT_ID_PATTERN,
+    WEBHOOK_MESSAGE_ID_PATTERN,
+    IdKind,
+)
 
 _ORG_RE: Final = re.compile(ORG_PATTERN)
 _FILE_RE: Final = re.compile(ID_PATTERNS[IdKind.FILE])
 _JOB_RE: Final = re.compile(ID_PATTERNS[IdKind.JOB])
 _UPLOAD_RE: Final = re.compile(ID_PATTERNS[IdKind.UPLOAD])
 _PART_RE: Final = re.compile(ID_PATTERNS[IdKind.PART])
+_WEBHOOK_ENDPOINT_RE: Final = re.compile(WEBHOOK_ENDPOINT_ID_PATTERN)
+_WEBHOOK_MESSAGE_RE: Final = re.compile(WEBHOOK_MESSAGE_ID_PATTERN)
 EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
 CHECKPOINT_DIGITS: Final = 10
 MANIFEST_NAME: Final = "manifest.json"
@@ -123,6 +134,35 @@ class StorageLayout:
     def results_key(self, org: str, job_id: str) -> str:
         """Key of the OpenAI-style results CSV."""
         return f"{self.job_prefix(org, job_id)}results.csv"
+
+    # Webhooks ----------------------------------------------------------------------------
+    def webhook_endpoints_prefix(self, org: str) -> str:
+        """Folder of an org's registered webhook endpoints."""
+        return f"{self.org_prefix(org)}webhooks/endpoints/"
+
+    def webhook_endpoint_key(self, org: str, endpoint_id: str) -> str:
+        """Key of one registered webhook endpoint (url, secret, event types)."""
+        endpoint = _check(endpoint_id, _WEBHOOK_ENDPOINT_RE, "webhook endpoint id")
+        return f"{self.webhook_endpoints_prefix(org)}{endpoint}.json"
+
+    def webhook_outbox_prefix(self) -> str:
+        """Folder of pending webhook deliveries (of every org: one sender lists one folder)."""
+        return f"{self._root()}webhooks/outbox/"
+
+    def webhook_outbox_key(self, message_id: str) -> str:
+        """Key of one pending delivery."""
+        message = _check(message_id, _WEBHOOK_MESSAGE_RE, "webhook message id")
+        return f"{self.webhook_outbox_prefix()}{message}.json"
+
+    def webhook_delivered_key(self, message_id: str) -> str:
+        """Key of a delivery's marker, written once the receiver answered 2xx."""
+        message = _check(message_id, _WEBHOOK_MESSAGE_RE, "webhook message id")
+        return f"{self._root()}webhooks/delivered/{message}.json"
+
+    def webhook_failed_key(self, message_id: str) -> str:
+        """Key of a delivery given up on (attempts exhausted, endpoint gone)."""
+        message = _check(message_id, _WEBHOOK_MESSAGE_RE, "webhook message id")
+        return f"{self._root()}webhooks/failed/{message}.json"
 
 
 def checkpoint_step_from_key(key: str) -> int | None:
