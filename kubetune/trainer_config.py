@@ -119,6 +119,13 @@ class TrainerConfig(_Config):
     metrics_port: int | None = Field(
         default=DEFAULT_METRICS_PORT, ge=0, le=65535, description="Prometheus port on rank 0."
     )
+    event_flush_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Longest time an event waits before the trainer writes it to the store "
+        "(each flush is one object: S3 wants few; a local folder can take one a second).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -10,7 +10,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from kubetune.objectstore import open_object_store
 from kubetune.settings import Mode, Settings
 from kubetune.version import __version__
-from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key
+from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key, write_private
 from kubetune_api.backends.base import JobBackend
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_api.deps import Services
@@ -32,10 +34,12 @@ from kubetune_api.errors import (
     ServiceUnavailable,
     install_error_handlers,
 )
+from kubetune_api.executor import build_executor
 from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from kubetune_api.ratelimit import RateLimiter
-from kubetune_api.routers import files, fine_tuning, models, uploads
+from kubetune_api.routers import files, fine_tuning, inference, models, uploads, webhooks
 from kubetune_api.services.files import FileService
+from kubetune_api.services.inference import InferenceService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
 from kubetune_api.services.uploads import UploadService
@@ -74,10 +78,8 @@ def _key_store(settings: Settings) -> KeyStore:
         key = new_api_key()
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = ApiKeyEntry(name="local-admin", org="local", role=Role.ADMIN, sha256=hash_key(key))
-        path.write_text(json.dumps([entry.model_dump(exclude_none=True)]))
-        path.chmod(0o600)
-        (settings.data_dir / "api_key").write_text(key + "\n")
-        (settings.data_dir / "api_key").chmod(0o600)
+        write_private(path, json.dumps([entry.model_dump(exclude_none=True)]))
+        write_private(settings.data_dir / "api_key", key + "\n")
     return KeyStore.from_file(path)
 
 
@@ -98,7 +100,24 @@ def build_services(settings: Settings) -> Services:
         models=ModelService(backend, job_service),
         uploads=UploadService(settings, store, file_service),
         limiter=RateLimiter(settings.api.requests_per_minute),
+        inference=InferenceService(settings, job_service),
+        executor=build_executor(settings, backend, store),
     )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Work that lives as long as the server: local mode's executor, the proxy's connections."""
+    services: Services = app.state.services
+    if services.executor is not None:
+        services.executor.start()
+    try:
+        yield
+    finally:
+        if services.executor is not None:
+            # Blocking (trainers get time to commit a checkpoint): off the event loop.
+            await run_in_threadpool(services.executor.stop)
+        await services.inference.aclose()
 
 
 def _route_template(request: Request) -> str:
@@ -137,6 +156,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     """The kubetune API as an ASGI app."""
     settings = settings or Settings()
     app = FastAPI(
+        lifespan=_lifespan,
         title="kubetune",
         version=__version__,
         description="OpenAI-compatible fine-tuning API on your own Kubernetes.",
@@ -197,6 +217,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
     app.include_router(uploads.router)
+    app.include_router(webhooks.router)
+    app.include_router(inference.router)
     return app
 
 

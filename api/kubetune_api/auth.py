@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
@@ -97,3 +98,14 @@ class KeyStore:
             shown = token.strip()[-4:] if len(token.strip()) > 8 else ""
             raise AuthenticationFailed(f"Incorrect API key provided: ...{shown}.")
         return principal
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read: created 0600 (never readable by others, not even
+    for a moment), then renamed into place so a reader never sees half of it.
+    """
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.replace(path)

@@ -119,6 +119,25 @@ class ServiceUnavailable(APIError):
     default_code = "service_unavailable"
 
 
+class UpstreamError(APIError):
+    """An error the inference server (vLLM) answered, passed on with its status and details."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status_code = status_code
+        self.error_type = error_type or (
+            "invalid_request_error" if status_code < 500 else "server_error"
+        )
+
+
 # Pydantic puts the tried union member into an error's location (``n_epochs.literal['auto']``,
 # ``n_epochs.int``): those are not parameter names.
 _UNION_TAGS = frozenset({"int", "float", "str", "bool", "dict", "list", "none"})

@@ -448,3 +448,57 @@ class Page(BaseModel, Generic[T]):
 
     items: list[T]
     has_more: bool
+
+
+# Webhooks (kubetune's admin API; OpenAI manages endpoints in its dashboard) ----------------
+WebhookEventTypeName = Literal[
+    "fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"
+]
+
+
+class CreateWebhookEndpointRequest(Request):
+    """Body of ``POST /v1/webhooks/endpoints``; the signing secret is generated."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    event_types: list[WebhookEventTypeName] | None = Field(default=None, min_length=1)
+
+
+class WebhookEndpointObject(Wire):
+    """A webhook endpoint. ``secret`` is shown once, in the answer to its creation."""
+
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    event_types: list[WebhookEventTypeName]
+    created_at: int
+    static: bool = Field(description="Configured by the cluster's operators; not deletable here.")
+    secret: str | None = None
+
+
+class ListWebhookEndpointsResponse(Wire):
+    """An org's webhook endpoints."""
+
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointObject]
+    has_more: bool = False
+
+
+class DeleteWebhookEndpointResponse(Wire):
+    """Answer to ``DELETE /v1/webhooks/endpoints/{id}``."""
+
+    id: str
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    deleted: bool
+
+
+# Inference (forwarded to vLLM) ---------------------------------------------------------------
+class InferenceRequest(BaseModel):
+    """What the API reads of a ``/v1/chat/completions`` or ``/v1/completions`` body: the model
+    (to check who may use it and which vLLM serves it) and whether to stream. Every other field
+    is vLLM's to validate and is forwarded as sent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    stream: bool | None = None

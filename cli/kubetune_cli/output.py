@@ -58,8 +58,9 @@ def show_list(
         stdout.print(f"No {title.lower()}.")
         return
     table = Table(title=title, title_justify="left")
-    for name, _ in columns:
-        table.add_column(name, overflow="fold")
+    for index, (name, _) in enumerate(columns):
+        # The first column is the id people copy: never broken across lines; others fold.
+        table.add_column(name, overflow="fold", no_wrap=index == 0)
     for item in items:
         table.add_row(*(_cell(get(item)) for _, get in columns))
     stdout.print(table)

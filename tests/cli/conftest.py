@@ -1,5 +1,5 @@
 """A live API in local mode for the CLI tests, and helpers to drive the CLI and play the
-trainer/executor (nothing trains a job in the API's local backend yet).
+trainer/executor (the API runs here without its local executor, so the test moves jobs).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typer.testing import CliRunner, Result
 from kubetune.events import JobEvent, encode_chunk
 from kubetune.finetunejob import FineTuneJobStatus
 from kubetune.progress import fold_events
+from kubetune_cli import output
 from kubetune_cli.main import app
 from tests.harness.api import ApiServer, backend_env, start_api
 from tests.harness.paths import REPO_ROOT
@@ -62,6 +63,9 @@ def global_args(server: ApiServer, org: str = "acme") -> list[str]:
 
 def run_cli(args: Sequence[str], env: dict[str, str | None] | None = None) -> Result:
     """Run the CLI in this process (typer's CliRunner), stdout and stderr kept apart."""
+    # A wide terminal, so table cells are not folded. rich fixed the width when the CLI's
+    # console was built at import, from COLUMNS — 80 in pytest-xdist workers.
+    output.stdout.width = 250
     return CliRunner().invoke(app, list(args), env={**CLEAN_ENV, **(env or {})})
 
 

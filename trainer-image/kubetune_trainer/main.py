@@ -83,7 +83,13 @@ class Run:
         """Train, mapping failures to exit codes and error events."""
         try:
             if self.topology.is_main:
-                self.events = EventLog(self.store, self.layout, self.config.org, self.config.job_id)
+                self.events = EventLog(
+                    self.store,
+                    self.layout,
+                    self.config.org,
+                    self.config.job_id,
+                    flush_seconds=self.config.event_flush_seconds,
+                )
             return self._execute()
         except UserError as exc:
             self._error(exc.message, code=exc.code, param=exc.param)

@@ -6,6 +6,7 @@ unique index on (org, idempotency_key) makes idempotent creation atomic.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -98,6 +99,19 @@ class LocalJobBackend(JobBackend):
         rows = self._db.execute(query, args).fetchall()
         jobs = [self._row_to_job(r[0]) for r in rows[:limit]]
         return JobPage(jobs=jobs, has_more=len(rows) > limit)
+
+    def scan(self, *, unfinished: bool) -> builtins.list[FineTuneJob]:
+        """Every org's jobs, oldest first; only those not yet final when ``unfinished``
+        (local mode's executor works through them; the API's calls stay scoped to an org).
+        """
+        query = "SELECT manifest FROM jobs"
+        args: list[object] = []
+        if unfinished:
+            terminal = [p.value for p in TERMINAL_PHASES]
+            query += f" WHERE phase IS NULL OR phase NOT IN ({','.join('?' * len(terminal))})"
+            args.extend(terminal)
+        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        return [self._row_to_job(r[0]) for r in rows]
 
     def count_active(self, org: str) -> int:
         """See :meth:`JobBackend.count_active`."""

@@ -1,0 +1,296 @@
+"""Local mode: the whole service on one machine (``make run``, ``kubetune serve``).
+
+``python -m kubetune_api.local_mode [--data-dir D] [--host H] [--port P] [--no-vllm]``
+
+- state under the data folder (default ``~/.local/share/kubetune``): files and adapters in a
+  local object store, jobs in SQLite, an API key made on first start (its hash in
+  ``api_keys.json``, the key itself in the 0600 file ``api_key`` so it can be shown each time);
+- a tiny Llama base model, ``tiny-llama``, created offline on first start;
+- the local executor runs jobs with the real trainer as subprocesses;
+- a real vLLM on the CPU serves the base model with LoRA enabled, and every fine-tuned model
+  through the API's ``/v1/chat/completions`` (skipped with ``--no-vllm`` or when vLLM is not
+  installed: ``bash hack/install-vllm.sh``).
+
+Ctrl-C (or SIGTERM) stops the server, then the trainers (each commits a checkpoint; its job
+resumes on the next start), then vLLM. Children run in their own process groups and are
+killed as groups, so nothing outlives this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+import uvicorn
+
+from kubetune.settings import BaseModelEntry, Mode, Settings
+from kubetune.vllm_launch import VllmLaunch, default_vllm_python
+from kubetune_api.app import create_app
+from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
+from kubetune_api.executor.process import ChildProcess
+
+log = logging.getLogger("kubetune.local")
+
+BASE_MODEL: Final = "tiny-llama"
+CONTEXT_LENGTH: Final = 512
+KEY_FILE: Final = "api_key"
+KEYS_FILE: Final = "api_keys.json"
+VLLM_READY_TIMEOUT: Final = 300.0
+VLLM_STOP_GRACE: Final = 20.0
+LOCAL_ORG: Final = "local"
+
+
+class Stop(Exception):
+    """SIGTERM arrived: unwind and stop every child, as for Ctrl-C."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="kubetune-local", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, help="State folder (default: settings.data_dir).")
+    parser.add_argument("--host", help="Address to listen on (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, help="Port to listen on (default 8000).")
+    parser.add_argument("--no-vllm", action="store_true", help="Serve without inference.")
+    return parser.parse_args(argv)
+
+
+# -- first start: model and key -------------------------------------------------------------------
+def ensure_base_model(data_dir: Path) -> Path:
+    """The tiny base model's folder, created (offline, atomically) on first use."""
+    folder = data_dir / "models" / BASE_MODEL
+    if not (folder / "config.json").exists():
+        print(f"Creating the tiny base model {BASE_MODEL} in {folder} (first start only)...")
+        subprocess.run(
+            [sys.executable, "-m", "kubetune_trainer.tiny_model", str(folder)], check=True
+        )
+    return folder
+
+
+def catalogue_entry(folder: Path) -> BaseModelEntry:
+    """The catalogue entry of the tiny model: the trainer reads it from the folder."""
+    return BaseModelEntry(
+        id=BASE_MODEL,
+        owned_by="kubetune",
+        created=int(folder.stat().st_mtime),
+        tokenizer=folder,
+        context_length=CONTEXT_LENGTH,
+        path=str(folder),
+    )
+
+
+def ensure_api_key(data_dir: Path) -> str:
+    """The local admin key: read from ``api_key``, or made (and its hash added to
+    ``api_keys.json``, which the API reads) on first start.
+    """
+    key_path, keys_path = data_dir / KEY_FILE, data_dir / KEYS_FILE
+    entries = json.loads(keys_path.read_text()) if keys_path.exists() else []
+    if key_path.exists():
+        key = key_path.read_text().strip()
+        if any(e.get("sha256") == hash_key(key) for e in entries):
+            return key
+    key = new_api_key()
+    entry = ApiKeyEntry(name="local-admin", org=LOCAL_ORG, role=Role.ADMIN, sha256=hash_key(key))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_private(keys_path, json.dumps([*entries, entry.model_dump(exclude_none=True)]))
+    write_private(key_path, key + "\n")
+    return key
+
+
+def local_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with what local mode decides on top."""
+    base = Settings()
+    data_dir = (args.data_dir or base.data_dir).expanduser().resolve()
+    api = base.api.model_copy(
+        update={
+            "host": args.host or base.api.host,
+            "port": base.api.port if args.port is None else args.port,
+            "api_keys_file": data_dir / KEYS_FILE,
+        }
+    )
+    return base.model_copy(
+        update={
+            "mode": Mode.LOCAL,
+            "data_dir": data_dir,
+            "api": api,
+            "local": base.local.model_copy(update={"run_jobs": True}),
+        }
+    )
+
+
+# -- vLLM -----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serves(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:  # noqa: S310 - loopback
+            return bool(json.load(resp).get("data"))
+    except (OSError, ValueError):
+        return False
+
+
+def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | None:
+    """Start vLLM on the base model and wait until it serves; None when it cannot run."""
+    python = default_vllm_python()
+    if not python.exists():
+        print(f"vLLM is not installed ({python} is missing): serving without inference.")
+        print("Install it with `bash hack/install-vllm.sh` (or `make run`) to chat with models.")
+        return None
+    launch = VllmLaunch(
+        model=model,
+        served_model_name=BASE_MODEL,
+        port=_free_port(),
+        python=python,
+        max_lora_rank=settings.serving.max_lora_rank,
+        max_model_len=CONTEXT_LENGTH,
+    )
+    logs = settings.data_dir / "logs"
+    print(f"Starting vLLM on {BASE_MODEL} (about 30 s on a CPU; log: {logs / 'vllm.log'})...")
+    process = ChildProcess(
+        "vllm",
+        launch.argv(),
+        env=launch.env(),
+        cwd=settings.data_dir,
+        log_path=logs / "vllm.log",
+    )
+    try:
+        ready = _wait_ready(process, launch.base_url)
+    except BaseException:  # Ctrl-C while waiting: no vLLM left behind
+        process.stop(VLLM_STOP_GRACE)
+        raise
+    if not ready:
+        print("vLLM did not start; serving without inference. Its log ends with:")
+        print(process.log_tail(2000))
+        process.stop(VLLM_STOP_GRACE)
+        return None
+    return process, launch.base_url
+
+
+def _wait_ready(process: ChildProcess, url: str) -> bool:
+    deadline = time.monotonic() + VLLM_READY_TIMEOUT
+    while not _serves(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def with_vllm(settings: Settings, model: Path, url: str) -> Settings:
+    """Settings whose inference proxy and executor use the local vLLM."""
+    serving = settings.serving.model_copy(
+        update={
+            "vllm_urls": {**settings.serving.vllm_urls, BASE_MODEL: url},
+            "vllm_model": str(model),
+            "adapter_dir": settings.data_dir / "adapters",
+        }
+    )
+    return settings.model_copy(update={"serving": serving})
+
+
+# -- the server -----------------------------------------------------------------------------------
+def banner(base_url: str, key: str, *, inference: bool) -> str:
+    """What to tell the user once the server listens."""
+    chat = (
+        f'reply = client.chat.completions.create(model="{BASE_MODEL}", '
+        'messages=[{"role": "user", "content": "Hello!"}])\n'
+        "print(reply.choices[0].message.content)\n"
+        if inference
+        else "# (inference is off: vLLM is not running)\n"
+    )
+    return (
+        "\nkubetune is running in local mode.\n"
+        f"  Base URL: {base_url}\n"
+        f"  API key:  {key}\n\n"
+        "Use it with the OpenAI SDK:\n\n"
+        "from openai import OpenAI\n"
+        f'client = OpenAI(base_url="{base_url}", api_key="{key}")\n'
+        "print([m.id for m in client.models.list()])\n"
+        f"{chat}\n"
+        "Press Ctrl-C to stop (running jobs resume on the next start).\n"
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the user how to connect once it listens."""
+
+    def __init__(self, config: uvicorn.Config, message: str) -> None:
+        super().__init__(config)
+        self.message = message
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.message, flush=True)
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Prepare the data folder, start vLLM, serve until Ctrl-C, then stop everything."""
+    settings = local_settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    model = ensure_base_model(settings.data_dir)
+    settings = settings.model_copy(
+        update={
+            "models": [
+                *(m for m in settings.models if m.id != BASE_MODEL),
+                catalogue_entry(model),
+            ]
+        }
+    )
+    key = ensure_api_key(settings.data_dir)
+    vllm = None if args.no_vllm else start_vllm(settings, model)
+    try:
+        if vllm is not None:
+            settings = with_vllm(settings, model, vllm[1])
+        host = "localhost" if settings.api.host in ("127.0.0.1", "0.0.0.0") else settings.api.host  # noqa: S104
+        base_url = f"http://{host}:{settings.api.port}/v1"
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app,
+            host=settings.api.host,
+            port=settings.api.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        _Server(config, banner(base_url, key, inference=vllm is not None)).run()
+    except (KeyboardInterrupt, Stop):
+        pass
+    finally:
+        if vllm is not None:
+            print("Stopping vLLM...", flush=True)
+            vllm[0].stop(VLLM_STOP_GRACE)
+    print("kubetune stopped.", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run local mode; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # SIGTERM unwinds like Ctrl-C (uvicorn handles both while it serves, then re-raises them).
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        return serve(parse_args(argv))
+    except (KeyboardInterrupt, Stop):  # before the server started (e.g. waiting for vLLM)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Inference through the API: chat completions and completions forwarded to vLLM.
+
+vLLM has no notion of tenants, so clients never reach it directly. The API checks that the
+caller may use the requested model — base models are everyone's, an ``ft:`` model only its own
+org's (another org's answers 404, like everywhere else) — then forwards the request, as sent,
+to the vLLM deployment of the model's base (``settings.serving.vllm_urls``) and passes its
+answer back: a stream stays a stream, and vLLM's errors keep their status and message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+from starlette.concurrency import run_in_threadpool
+
+from kubetune.settings import Settings
+from kubetune_api.auth import Principal
+from kubetune_api.errors import InvalidRequest, NotFound, ServiceUnavailable, UpstreamError
+from kubetune_api.protocol import InferenceRequest
+from kubetune_api.services.jobs import JobService
+
+CHAT_COMPLETIONS: Final = "/v1/chat/completions"
+COMPLETIONS: Final = "/v1/completions"
+_CONNECT_TIMEOUT: Final = 5.0
+
+
+@dataclass
+class Forwarded:
+    """vLLM's answer: status, content type, and the body whole or as a stream of chunks."""
+
+    status_code: int
+    media_type: str
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+class InferenceService:
+    """Checks access to a model and forwards inference requests to the vLLM that serves it."""
+
+    def __init__(self, settings: Settings, jobs: JobService) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        # Created on first use, inside the server's event loop that its connections belong to.
+        if self._client is None:
+            timeout = self.settings.serving.request_timeout_seconds
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT)
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def base_model_of(self, principal: Principal, model: str) -> str:
+        """The base model behind ``model`` if the caller may use it, else 404."""
+        if self.jobs.base_model(model) is not None:
+            return model
+        if model.startswith("ft:"):
+            job = await run_in_threadpool(self.jobs.find_fine_tuned, principal, model)
+            if job is not None:
+                return job.spec.model
+        raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+    def _server_for(self, base: str, model: str) -> str:
+        url = self.settings.serving.vllm_urls.get(base)
+        if not url:
+            # Not transient (a 503 would invite retries): the deployment serves no such base.
+            raise InvalidRequest(
+                f"The model '{model}' is not being served: no inference server is configured "
+                f"for its base model {base}.",
+                param="model",
+                code="model_not_served",
+            )
+        return url.rstrip("/")
+
+    async def forward(self, principal: Principal, path: str, body: InferenceRequest) -> Forwarded:
+        """Forward one request (``path``: CHAT_COMPLETIONS or COMPLETIONS) to vLLM."""
+        base = await self.base_model_of(principal, body.model)
+        url = self._server_for(base, body.model) + path
+        payload = body.model_dump(mode="json", exclude_unset=True)
+        client = self._http()
+        request = client.build_request("POST", url, json=payload)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(
+                f"The inference server for {base} is unreachable; try again shortly "
+                f"({type(exc).__name__}).",
+                code="inference_unavailable",
+            ) from exc
+        media_type = response.headers.get("content-type", "application/json")
+        if response.status_code >= 400:
+            content = await _read_and_close(response)
+            raise _upstream_error(response.status_code, content)
+        if body.stream:
+            return Forwarded(response.status_code, media_type, stream=_relay(response))
+        return Forwarded(response.status_code, media_type, body=await _read_and_close(response))
+
+
+async def _read_and_close(response: httpx.Response) -> bytes:
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The upstream body chunk by chunk (server-sent events pass through unchanged)."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await response.aclose()
+
+
+def _upstream_error(status_code: int, content: bytes) -> UpstreamError:
+    """VLLM's error as an OpenAI error: its own envelope when it sent one, else its text."""
+    error: dict[str, Any] = {}
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        inner = parsed.get("error", parsed)
+        error = inner if isinstance(inner, dict) else {"message": str(inner)}
+    message = str(error.get("message") or content.decode(errors="replace")[:1000] or "error")
+    code = error.get("code")
+    return UpstreamError(
+        status_code,
+        message,
+        error_type=str(error["type"]) if error.get("type") else None,
+        param=str(error["param"]) if error.get("param") else None,
+        code=str(code) if code is not None else None,
+    )

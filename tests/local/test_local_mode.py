@@ -1,0 +1,212 @@
+"""``make run``'s server end to end: the demo with the official SDK, inference through the API,
+and Ctrl-C in the middle of a job followed by a restart that resumes it.
+
+One local-mode server (real trainer subprocesses, real vLLM on the CPU) on a fresh data folder;
+the last test stops it with SIGINT mid-job and starts it again on the same folder. The tests
+share that server, so they run in this order.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from examples import demo
+from tests.local.server import LocalServer, processes_using
+
+pytestmark = pytest.mark.xdist_group("vllm")
+
+FT_PREFIX = "ft:tiny-llama:local:pirate:"
+
+
+@pytest.fixture(scope="module")
+def other_key(server_holder: dict[str, Any]) -> str:
+    """A key of a second org on the same server."""
+    return str(server_holder["other_key"])
+
+
+@pytest.fixture(scope="module")
+def server_holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Local mode on a fresh data folder (with a second org's key seeded)."""
+    server = LocalServer(tmp_path_factory.mktemp("local") / "data")
+    other = server.seed_other_org()
+    server.start()
+    try:
+        yield {"server": server, "other_key": other}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_holder: dict[str, Any]) -> LocalServer:
+    """The running server."""
+    result: LocalServer = server_holder["server"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def client(server: LocalServer) -> OpenAI:
+    """The official SDK pointed at local mode, as the demo connects."""
+    return demo.connect(server.base_url, server.key)
+
+
+@pytest.fixture(scope="module")
+def finished_demo(client: OpenAI) -> dict[str, Any]:
+    """The demo's flow: upload, fine-tune, follow the events to the end."""
+    job = demo.create_job(client, demo.upload(client, demo.dataset()))
+    events: list[Any] = []
+    steps: list[tuple[int, int]] = []
+    done = demo.follow(
+        client,
+        job.id,
+        on_event=events.append,
+        on_step=lambda step, total: steps.append((step, total)),
+        poll=0.5,
+        timeout=600,
+    )
+    return {"job": done, "events": events, "steps": steps}
+
+
+def test_first_start_prints_how_to_connect(server: LocalServer) -> None:
+    log = server.log()
+    assert f"Base URL: http://localhost:{server.port}/v1" in log
+    assert f"API key:  {server.key}" in log
+    assert "from openai import OpenAI" in log
+    assert (server.data_dir / "api_key").stat().st_mode & 0o777 == 0o600
+    assert (server.data_dir / "models" / "tiny-llama" / "config.json").exists()
+
+
+def test_demo_fine_tunes_and_serves_the_model(
+    client: OpenAI, finished_demo: dict[str, Any]
+) -> None:
+    job = finished_demo["job"]
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith(FT_PREFIX)
+    total = job.hyperparameters.n_epochs * 20  # 40 examples, batch size 2
+    assert finished_demo["steps"][-1] == (total, total)
+    messages = [e.message for e in finished_demo["events"]]
+    for expected in (
+        "Files validated, moving job to queued state",
+        "Fine-tuning job started",
+        f"New fine-tuned model created: {job.fine_tuned_model}",
+        "The job has successfully completed",
+    ):
+        assert expected in messages
+    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+    listed = list(demo.checkpoints(client, job.id))
+    assert listed[0][0] == total
+    assert listed[0][1] == f"{job.fine_tuned_model}:ckpt-step-{total}"
+    base = demo.answer(client, demo.BASE_MODEL)
+    tuned = demo.answer(client, job.fine_tuned_model)
+    assert tuned != base
+    assert tuned.startswith("Arr"), tuned  # what the dataset taught
+
+
+def test_inference_proxy(
+    server: LocalServer, client: OpenAI, other_key: str, finished_demo: dict[str, Any]
+) -> None:
+    model = finished_demo["job"].fine_tuned_model
+    prompt = demo.chat(demo.QUESTION)
+    whole = client.chat.completions.create(
+        model=model, messages=prompt, temperature=0, max_tokens=16
+    )
+    stream = client.chat.completions.create(
+        model=model, messages=prompt, temperature=0, max_tokens=16, stream=True
+    )
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) > 1  # streamed, not buffered into one
+    assert "".join(chunks) == whole.choices[0].message.content
+    # ignore_eos: a tiny model may well end at once; these checks need tokens to compare.
+    forced = {"ignore_eos": True}
+    base = client.completions.create(
+        model=demo.BASE_MODEL, prompt="The sky", max_tokens=4, extra_body=forced
+    )
+    assert base.model == demo.BASE_MODEL
+    assert base.choices[0].text
+    tuned = client.completions.create(
+        model=model, prompt="The sky", max_tokens=4, temperature=0, extra_body=forced
+    )
+    streamed = list(
+        client.completions.create(
+            model=model,
+            prompt="The sky",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            extra_body=forced,
+        )
+    )
+    assert len(streamed) > 1
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == tuned.choices[0].text
+
+    stranger = OpenAI(base_url=server.base_url, api_key=other_key, max_retries=0)
+    assert demo.answer(stranger, demo.BASE_MODEL)  # base models are everyone's
+    for name in (model, FT_PREFIX + "unknown", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            stranger.chat.completions.create(model=name, messages=prompt)
+        assert caught.value.code == "model_not_found"
+    # A bad request is vLLM's to refuse; its error comes back as an OpenAI error.
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=prompt, max_tokens=100_000)
+
+    client.models.delete(model)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=model, messages=prompt)
+
+
+def _metrics_steps(events: list[Any]) -> list[int]:
+    return [int(e.data["step"]) for e in events if e.type == "metrics"]
+
+
+def _committed_steps(data_dir: Path, job_id: str) -> list[int]:
+    folder = data_dir / "store" / "orgs" / "local" / "jobs" / job_id / "checkpoints"
+    return sorted(int(m.parent.name.split("-")[1]) for m in folder.glob("step-*/manifest.json"))
+
+
+def test_ctrl_c_mid_job_then_restart_resumes_it(server: LocalServer, client: OpenAI) -> None:
+    # Long enough to stop mid-way after a checkpoint, whatever the machine's speed.
+    job = demo.create_job(client, demo.upload(client, demo.dataset(seed=1)), n_epochs=3)
+    total = 60
+    deadline = time.monotonic() + 300
+    seen: set[str] = set()
+    steps: list[int] = []
+    while not steps or max(steps) < 3:
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        steps += _metrics_steps(demo.new_events(client, job.id, seen))
+        time.sleep(0.3)
+
+    assert server.interrupt() == 0
+    log = server.log()
+    assert "kubetune stopped." in log
+    assert processes_using(server.data_dir) == []  # no trainer, no vLLM left behind
+    committed = _committed_steps(server.data_dir, job.id)
+    assert committed, "the trainer committed no checkpoint on SIGTERM"
+    stopped_at = committed[-1]
+    assert 3 <= stopped_at < total
+
+    server.start()
+    after = demo.connect(server.base_url, server.key)
+    assert after.fine_tuning.jobs.retrieve(job.id).status in ("running", "queued")
+    resumed: list[Any] = []
+    done = demo.follow(after, job.id, on_event=resumed.append, poll=0.5, timeout=400)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in resumed]
+    assert f"Restarted from step {stopped_at}" in messages
+    assert any(re.search(rf"resumed from step {stopped_at}\b", m) for m in messages)
+    resumed.sort(key=lambda e: e.id)
+    restart = next(i for i, e in enumerate(resumed) if e.message.startswith("Restarted from"))
+    before, after_restart = _metrics_steps(resumed[:restart]), _metrics_steps(resumed[restart:])
+    assert max(before) == stopped_at
+    # Exactly the planned run: no step trained twice, none skipped.
+    assert after_restart == list(range(stopped_at + 1, total + 1))
+    assert _committed_steps(server.data_dir, job.id)[-1] == total
+    # Files and jobs survived the restart.
+    assert {j.id for j in after.fine_tuning.jobs.list()} >= {job.id}
+    assert any(f.filename == "pirate.jsonl" for f in after.files.list())
