@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer cli/kubetune_cli
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format crds test-deps bench-api bench-trainer clean
+.PHONY: help venv run demo test test-fast lint format crds test-deps bench-api bench-operator bench-trainer clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,11 +24,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need
 
+run: $(STAMP) ## Start kubetune locally (API, jobs, trainer, vLLM on the CPU); Ctrl-C stops it
+	bash hack/install-vllm.sh
+	$(PY) -m kubetune_api.local_mode $(RUN_ARGS)
+
+demo: $(STAMP) ## Fine-tune and chat with the OpenAI SDK against a running `make run`
+	$(PY) examples/demo.py
+
 test-deps: $(STAMP) ## Install etcd, build/cache kube-apiserver, fetch kubectl and helm
 	PYTHON=$(PY) bash hack/install-test-deps.sh
 
 test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Run the tests that need no cluster
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
@@ -45,6 +52,9 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 
 bench-api: test-deps ## Benchmark the API on both backends (writes benchmarks/results/api.json)
 	$(PY) benchmarks/api_bench.py
+
+bench-operator: test-deps ## 500 FineTuneJobs → PyTorchJobs: latency, RSS (writes benchmarks/results/operator.json)
+	$(PY) benchmarks/operator_bench.py $(BENCH_ARGS)
 
 bench-trainer: $(STAMP) ## Trainer throughput, stock TRL vs kubetune (SHAPE=8b on an H100; tiny on CPU)
 	$(PY) benchmarks/trainer_throughput.py --shape $(or $(SHAPE),8b) $(BENCH_ARGS)

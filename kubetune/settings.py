@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubetune.storage_layout import StorageLayout
@@ -191,6 +191,120 @@ class OperatorSettings(BaseModel):
     )
 
 
+class StaticWebhookEndpoint(BaseModel):
+    """A webhook endpoint configured by the cluster's operators (Helm values, from a Secret)."""
+
+    org: str = Field(min_length=1, max_length=63, description="The org whose events it gets.")
+    url: str = Field(min_length=1, max_length=2048, description="Where events are POSTed.")
+    secret: SecretStr = Field(description="Signing secret, whsec_<base64>.")
+    event_types: list[str] | None = Field(
+        default=None, description="Event types to send (None: every fine_tuning.job event)."
+    )
+
+
+class WebhookSettings(BaseModel):
+    """Webhooks as OpenAI sends them (see kubetune/webhooks.py and docs/webhooks.md)."""
+
+    enabled: bool = Field(default=True, description="Enqueue and send webhook events.")
+    max_attempts: int = Field(default=10, ge=1, le=100, description="Tries per delivery.")
+    backoff_base_seconds: float = Field(
+        default=5.0, gt=0, description="Delay after the first failed try (doubled each time)."
+    )
+    backoff_cap_seconds: float = Field(default=3600.0, gt=0, description="Longest delay.")
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one POST.")
+    poll_seconds: float = Field(default=2.0, gt=0, description="How often the outbox is read.")
+    concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries at once.")
+    allow_insecure_targets: bool = Field(
+        default=False, description="Accept http:// endpoint URLs (tests, trusted networks)."
+    )
+    allow_private_targets: bool = Field(
+        default=False,
+        description="Accept endpoints on loopback, private or link-local addresses (SSRF guard).",
+    )
+    max_endpoints_per_org: int = Field(default=10, ge=1, description="Endpoints an org may add.")
+    sweep_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="At start, the sender queues the events of jobs finished this recently "
+        "that no event was queued for (a process stopped in between).",
+    )
+    endpoints: list[StaticWebhookEndpoint] = Field(
+        default_factory=list,
+        description="Endpoints from configuration (JSON in KUBETUNE_WEBHOOKS__ENDPOINTS).",
+    )
+
+
+class ServingSettings(BaseModel):
+    """Serving adapters on vLLM: the adapter-sync sidecar's settings and the operator's sync.
+
+    vLLM's ``--max-loras`` bounds the adapters one batch may use, not how many are registered
+    (vLLM keeps ``--max-cpu-loras`` of them in memory and reloads others from their folder), so
+    it is reported, never used to refuse a registration.
+    """
+
+    base_model: str | None = Field(
+        default=None, description="Catalogue id of the model the sidecar's vLLM serves."
+    )
+    adapter_dir: Path = Field(
+        default=Path("/adapters"), description="Folder shared with vLLM that adapters land in."
+    )
+    vllm_model: str | None = Field(
+        default=None,
+        description="vLLM's --model, written into adapter_config.json base_model_name_or_path "
+        "(vLLM's filesystem resolver compares them).",
+    )
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8000", description="Base URL of the sidecar's vLLM (no /v1)."
+    )
+    adapter_sync_host: str = Field(
+        default="127.0.0.1", description="Address the adapter-sync sidecar listens on."
+    )
+    adapter_sync_port: int = Field(
+        default=8081, ge=0, le=65535, description="Port of the adapter-sync sidecar."
+    )
+    max_lora_rank: int = Field(
+        default=16, description="vLLM's --max-lora-rank: adapters of a larger rank are refused."
+    )
+    max_loras: int = Field(
+        default=4, ge=1, description="vLLM's --max-loras (adapters in one batch; reported only)."
+    )
+    sync_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest time between two syncs of a vLLM replica's adapters by the operator "
+        "(a change of the desired set is synced at once).",
+    )
+    request_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="Timeout of one call to vLLM or to a sidecar."
+    )
+    vllm_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Base model id → base URL of the vLLM deployment serving it (the API's "
+        "inference proxy).",
+    )
+
+
+class LocalSettings(BaseModel):
+    """Local mode's executor, which runs jobs as trainer subprocesses of the API process."""
+
+    run_jobs: bool = Field(
+        default=False,
+        description="Run jobs in the API process (``python -m kubetune_api.local_mode`` turns it "
+        "on); off, a local-mode API only stores them.",
+    )
+    max_running_jobs: int = Field(default=1, ge=1, description="Trainers running at once.")
+    poll_seconds: float = Field(default=1.0, gt=0, description="How often jobs are looked at.")
+    progress_seconds: float = Field(
+        default=2.0, gt=0, description="How often a running job's trainer events are read."
+    )
+    trainer_grace_seconds: float = Field(
+        default=120.0, gt=0, description="Time a trainer gets after SIGTERM to commit."
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, description="Relaunches after retryable trainer exits before failing."
+    )
+
+
 class Settings(BaseSettings):
     """kubetune's settings, read from ``KUBETUNE_*`` environment variables."""
 
@@ -205,6 +319,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
     models: list[BaseModelEntry] = Field(
         default_factory=list, description="The base-model catalogue (JSON in KUBETUNE_MODELS)."
     )

@@ -15,46 +15,44 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from kubetune.events import EventLevel, JobEvent, write_control_events
+from kubetune.events import JobEvent, write_control_events
 from kubetune.finetunejob import (
-    ConditionStatus,
     FineTuneJob,
     FineTuneJobStatus,
-    Hyperparameters,
     JobPhase,
 )
-from kubetune.lifecycle import is_terminal, progress_text
+from kubetune.job_inputs import (
+    EventLogReader,
+    JobInputError,
+    adapter_stored,
+    load_config_text,
+    resolve_trainer_config,
+    store_config,
+)
+from kubetune.lifecycle import is_terminal
 from kubetune.objectstore import ObjectStore
-from kubetune.settings import Settings
-from kubetune.storage_layout import StorageLayout
-from kubetune.trainer_config import TrainerConfig, build_trainer_config
-from kubetune_operator import manifests
-from kubetune_operator.kube import Conflict, KubeClient
-from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.reconcile import (
-    FILES_VALIDATED,
+from kubetune.observed import observe
+from kubetune.reconcile import (
     Outcome,
     Transition,
     advance,
     cancel,
     fail,
+    job_events,
     observe_training,
-    set_condition,
     status_patch,
-    user_error,
+    validated,
 )
-from kubetune_operator.status import observe
-from kubetune_operator.storage import (
-    EventLogReader,
-    JobInputError,
-    adapter_stored,
-    check_files,
-    load_config_text,
-    store_config,
-)
+from kubetune.settings import Settings
+from kubetune.storage_layout import StorageLayout
+from kubetune.trainer_config import TrainerConfig
+from kubetune.webhooks import EVENT_OF_PHASE, enqueue_job_event, static_endpoints
+from kubetune_operator import manifests
+from kubetune_operator.kube import Conflict, KubeClient
+from kubetune_operator.metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +129,42 @@ class PassResult:
     terminal: bool = False
 
 
-# The job events (OpenAI's event list) the operator adds, as OpenAI words them. Requests the
-# API handles itself (cancel, pause, resume) are logged by the API.
-def _job_events(transition: Transition, status: FineTuneJobStatus) -> list[JobEvent]:
-    match transition.target:
-        case JobPhase.QUEUED if transition.source is JobPhase.VALIDATING_FILES:
-            return [JobEvent(message="Files validated, moving job to queued state")]
-        case JobPhase.RUNNING:
-            return [JobEvent(message="Fine-tuning job started")]
-        case JobPhase.PAUSED:
-            return [JobEvent(message=f"Fine-tuning job paused at step {status.step}")]
-        case JobPhase.SUCCEEDED:
-            return [
-                JobEvent(message=f"New fine-tuned model created: {status.fine_tuned_model}"),
-                JobEvent(message="The job has successfully completed"),
-            ]
-        case JobPhase.FAILED:
-            detail = status.error.message if status.error else "unknown error"
-            return [JobEvent(message=f"The job failed: {detail}", level=EventLevel.ERROR)]
-    return []
+def announce_terminal(ctx: OperatorContext, job: FineTuneJob) -> int:
+    """Queue the webhook event of a job in a terminal phase (idempotent); how many were new."""
+    opts = ctx.settings.webhooks
+    status = job.status
+    event_type = EVENT_OF_PHASE.get(status.phase) if status and status.phase else None
+    if status is None or not opts.enabled or event_type is None:
+        return 0
+    finished = int(status.finished_at.timestamp()) if status.finished_at else None
+    org, name = job.spec.org, job.metadata.name
+    written = enqueue_job_event(
+        ctx.store,
+        ctx.layout,
+        org,
+        name,
+        event_type,
+        created_at=finished,
+        static=static_endpoints(opts, org),
+    )
+    if written:
+        log.info("%s: %s queued for %d endpoint(s)", name, event_type, len(written))
+    return len(written)
+
+
+def sweep_finished(ctx: OperatorContext, namespace: str, *, now: datetime) -> int:
+    """Queue the events of jobs that finished recently, in case a process died between
+    recording a terminal phase and queueing its event (kopf restarts no daemon for a finished
+    job, so no pass would). Idempotent; returns how many deliveries were new.
+    """
+    horizon = now - timedelta(hours=ctx.settings.webhooks.sweep_hours)
+    queued = 0
+    for raw in ctx.kube.list_jobs(namespace):
+        job = FineTuneJob.from_manifest(raw)
+        finished = job.status.finished_at if job.status else None
+        if finished is not None and finished >= horizon:
+            queued += announce_terminal(ctx, job)
+    return queued
 
 
 class JobReconciler:
@@ -205,7 +220,18 @@ class JobReconciler:
             log.debug("%s: %s; the next pass recomputes", self.name, exc)
         current = self._current.status
         result.terminal = current is not None and is_terminal(current.phase)
+        if current is not None and result.terminal:
+            self._announce(current)
         return result
+
+    def _announce(self, status: FineTuneJobStatus) -> None:
+        """Queue the job's terminal webhook event once its phase is recorded.
+
+        Idempotent (derived ids), so every pass that ends terminal may call it; if the store
+        fails, the exception makes the daemon retry the pass, which queues it then.
+        """
+        self.ctx.fault("before-webhook-announce")
+        announce_terminal(self.ctx, self._current.model_copy(update={"status": status}))
 
     @property
     def _current(self) -> FineTuneJob:
@@ -239,21 +265,15 @@ class JobReconciler:
 
     # -- validating_files ----------------------------------------------------------------------
     def _build_config(self, job: FineTuneJob) -> TrainerConfig:
-        settings = self.ctx.settings
-        training = check_files(
-            self.ctx.store, self.ctx.layout, job.spec, min_examples=settings.limits.min_examples
+        opts = self.ctx.settings.operator
+        return resolve_trainer_config(
+            self.ctx.store,
+            self.ctx.layout,
+            job,
+            self.ctx.settings,
+            image=opts.trainer_image,
+            metrics_port=opts.trainer_metrics_port,
         )
-        try:
-            config = build_trainer_config(
-                job,
-                settings,
-                n_train_examples=training.n_examples,
-                image=settings.operator.trainer_image,
-            )
-        except ValueError as exc:
-            raise JobInputError(user_error("invalid_model", str(exc), "model")) from None
-        # Replicas of one job share no host in a cluster; in tests they do (port 0: any free).
-        return config.model_copy(update={"metrics_port": settings.operator.trainer_metrics_port})
 
     def _validate(self, job: FineTuneJob, status: FineTuneJobStatus, now: datetime) -> Outcome:
         try:
@@ -262,33 +282,7 @@ class JobReconciler:
             return fail(status, exc.error, now=now)
         key = self.ctx.layout.job_config_key(job.spec.org, job.metadata.name)
         self._remember_config(store_config(self.ctx.store, key, config))
-        config = self._require_config()
-        hp = config.hyperparameters
-        validated = status.model_copy(
-            update={
-                "total_steps": config.total_steps,
-                "progress": progress_text(status.step, config.total_steps),
-                "hyperparameters": Hyperparameters(
-                    n_epochs=hp.n_epochs,
-                    batch_size=hp.batch_size,
-                    learning_rate_multiplier=hp.learning_rate_multiplier,
-                    beta=hp.beta,
-                    n_evals=config.n_evals,
-                    warmup_ratio=hp.warmup_ratio,
-                    max_seq_length=config.max_seq_length,
-                ),
-                "conditions": set_condition(
-                    status.conditions,
-                    FILES_VALIDATED,
-                    ConditionStatus.TRUE,
-                    reason="Valid",
-                    message=f"{config.n_train_examples} training examples",
-                    now=now,
-                ),
-            }
-        )
-        result, transitions = advance(validated, JobPhase.QUEUED, now=now)
-        return Outcome(result, tuple(transitions))
+        return validated(status, self._require_config(), now=now)
 
     def _remember_config(self, text: str) -> None:
         self._config_text = text
@@ -376,7 +370,7 @@ class JobReconciler:
         if patch is None:
             return False
         raw = self.ctx.kube.patch_job_status(
-            self.namespace, self.name, job.metadata.resource_version, patch
+            self.namespace, self.name, job.metadata.resource_version, patch, based_on=self._raw
         )
         self._load(raw)
         now = self._now()
@@ -394,7 +388,7 @@ class JobReconciler:
                 started_at=outcome.status.started_at,
                 now=now,
             )
-            control.extend(_job_events(transition, status))
+            control.extend(job_events(transition, status))
         for event in (*outcome.transitions, *outcome.notices):
             result.events.append(event)
             if self._emit is not None:

@@ -15,18 +15,27 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
 
 from kubetune.finetunejob import GROUP, KIND, PLURAL, VERSION, JobPhase
 from kubetune.lifecycle import is_terminal
+from kubetune.reconcile import QUEUED, Transition, parse_time
+from kubetune.webhooks import WebhookSender
 from kubetune_operator import manifests
-from kubetune_operator.controller import JobReconciler, OperatorContext, PyTorchJobView
+from kubetune_operator.controller import (
+    JobReconciler,
+    OperatorContext,
+    PyTorchJobView,
+    sweep_finished,
+)
 from kubetune_operator.kube import PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
 from kubetune_operator.metrics import IndexedJob, serve
-from kubetune_operator.reconcile import QUEUED, Transition, parse_time
+from kubetune_operator.serving_handlers import register_serving
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +209,14 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
                         return
                     seen = key
                     due = now + opts.reconcile_seconds
-            await stopped.wait(POLL_SECONDS)
+            # A plain sleep, not ``stopped.wait()``: kopf's wait makes two tasks and a timer per
+            # call, which with hundreds of daemons polling was a third of a core at idle
+            # (benchmarks/operator_bench.py); the loop sees ``stopped`` within POLL_SECONDS.
+            await asyncio.sleep(POLL_SECONDS)
+
+    if ctx.settings.webhooks.enabled:
+        register_webhook_sender(registry, ctx)
+    register_serving(registry, ctx)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="delete_children", registry=registry)
     def delete_children(name: str, namespace: str | None, **_: Any) -> None:
@@ -217,3 +233,67 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         except kopf.TemporaryError:
             ctx.metrics.reconcile_errors.labels("delete").inc()
             raise
+
+
+def register_webhook_sender(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """Run one webhook sender where this operator acts, and nowhere else.
+
+    Standalone, the operator is the only replica: the sender is a thread from startup to
+    cleanup. With peering, it runs inside a kopf daemon on the KopfPeering object itself: kopf
+    stops every daemon of a replica that peering pauses and respawns them when it resumes, so
+    the sender runs exactly on the replica whose handlers run (a plain asyncio task or thread
+    would keep sending on a paused replica). kopf adds its finalizer to that object, as to any
+    object with a daemon. One sender object lives across pauses, so what it remembers as
+    delivered survives them.
+    """
+    sender = WebhookSender(ctx.store, ctx.settings)
+    peering = ctx.settings.operator.peering
+    stop = threading.Event()
+
+    def sweep() -> None:
+        try:
+            queued = sweep_finished(ctx, ctx.settings.kubernetes.namespace, now=datetime.now(UTC))
+        except Exception:  # the sender still runs; only a crash-window event may be missing
+            log.exception("webhook sweep of finished jobs failed")
+        else:
+            if queued:
+                log.info("webhook sweep queued %d delivery(ies) of finished jobs", queued)
+
+    def sweep_then_send() -> None:
+        sweep()
+        sender.run_forever(stop)
+
+    @kopf.on.startup(id="webhook_sender", registry=registry)
+    def start_sender(settings: kopf.OperatorSettings, **_: Any) -> None:
+        """Start the thread when standalone; with peering, the daemon below sends."""
+        if settings.peering.standalone:
+            threading.Thread(target=sweep_then_send, name="webhook-sender", daemon=True).start()
+        elif settings.peering.name != peering:
+            log.error("webhooks are not sent: set KUBETUNE_OPERATOR__PEERING for peering")
+
+    @kopf.on.cleanup(id="webhook_sender_stop", registry=registry)
+    def stop_sender(**_: Any) -> None:
+        """Stop the thread (a POST in flight finishes within the timeout)."""
+        stop.set()
+
+    if peering is None:
+        return
+
+    @kopf.daemon(
+        "kopf.dev",
+        "v1",
+        "kopfpeerings",
+        id="webhook_sender",
+        registry=registry,
+        when=lambda name, **_: name == peering,
+        cancellation_timeout=ctx.settings.webhooks.timeout_seconds + 5,
+    )
+    async def send_webhooks(stopped: kopf.DaemonStopped, **_: Any) -> None:
+        """Deliver due webhooks until kopf stops this daemon (pause, shutdown)."""
+        await asyncio.to_thread(sweep)
+        while not stopped:
+            try:
+                await asyncio.to_thread(sender.run_once)
+            except Exception:  # a store outage must not end the daemon
+                log.exception("webhook sender pass failed")
+            await stopped.wait(ctx.settings.webhooks.poll_seconds)

@@ -58,14 +58,44 @@ class KubeClient:
 
     # -- FineTuneJobs ------------------------------------------------------------------------
     def patch_job_status(
-        self, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str | None,
+        status: dict[str, Any],
+        *,
+        based_on: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Merge-patch a FineTuneJob's status, only if it is still at ``resource_version``.
 
         A merge patch that carries ``metadata.resourceVersion`` is a precondition: the apiserver
         refuses it (409) when the object changed. A status computed from a stale view is thus
-        never written; the next pass recomputes it from the fresh one.
+        never written; the next pass recomputes it from the fresh one. With ``based_on`` (the
+        object the status was computed from), a conflict caused by metadata alone — kopf adding
+        its finalizer and annotations to a new job, the API annotating it — is retried once at
+        the fresh version: the spec and status it was computed from are unchanged, so the
+        status is still right, and a new job's first pass is not wasted.
         """
+        try:
+            return self._patch_status(namespace, name, resource_version, status)
+        except Conflict:
+            if based_on is None:
+                raise
+            fresh = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+            if not _same_spec_and_status(fresh, based_on):
+                raise
+            return self._patch_status(namespace, name, fresh["metadata"]["resourceVersion"], status)
+
+    def list_jobs(self, namespace: str) -> list[dict[str, Any]]:
+        """Every FineTuneJob in ``namespace`` (one LIST; for sweeps at startup)."""
+        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return list(result.get("items") or [])
+
+    def _patch_status(
+        self, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]
+    ) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         body: dict[str, Any] = {"status": status}
@@ -211,3 +241,11 @@ class KubeClient:
                     continue
                 _retry_on_server_errors(exc, "deleting a job's children")
                 raise
+
+
+def _same_spec_and_status(fresh: dict[str, Any], based_on: dict[str, Any]) -> bool:
+    """Whether only metadata other than the generation changed between two views of a job."""
+    generation = (fresh.get("metadata") or {}).get("generation")
+    return generation == (based_on.get("metadata") or {}).get("generation") and (
+        fresh.get("status") or {}
+    ) == (based_on.get("status") or {})

@@ -88,3 +88,39 @@ def test_a_status_computed_from_a_stale_read_is_refused(
     custom: Any = client.CustomObjectsApi(kube_api)
     current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     assert current["status"]["phase"] == "validating_files"
+
+
+def test_a_metadata_only_change_does_not_waste_a_status_write(
+    kube_api: Any, namespace: str, owner: dict[str, Any]
+) -> None:
+    from kubernetes import client
+
+    custom: Any = client.CustomObjectsApi(kube_api)
+    kube = KubeClient(kube_api)
+    name = owner["metadata"]["name"]
+    stale = owner["metadata"]["resourceVersion"]
+    # What kopf does to every new job while its first pass computes: finalizer, annotations.
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"metadata": {"finalizers": ["kubetune.io/operator"], "annotations": {"a": "b"}}},
+    )
+    with pytest.raises(Conflict):  # without the view it was computed from: refused
+        kube.patch_job_status(namespace, name, stale, {"phase": "validating_files"})
+    written = kube.patch_job_status(
+        namespace, name, stale, {"phase": "validating_files"}, based_on=owner
+    )
+    assert written["status"]["phase"] == "validating_files"
+
+    # The status moved since ``owner`` was read: the precondition holds, the write is refused.
+    with pytest.raises(Conflict):
+        kube.patch_job_status(namespace, name, stale, {"phase": "queued"}, based_on=owner)
+    assert (
+        kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["status"][
+            "phase"
+        ]
+        == "validating_files"
+    )
