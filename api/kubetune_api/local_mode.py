@@ -284,6 +284,8 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run local mode; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One line per request to vLLM (every sync, every proxied completion) would bury the rest.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # SIGTERM unwinds like Ctrl-C (uvicorn handles both while it serves, then re-raises them).
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
