@@ -337,7 +337,11 @@ class JobReconciler:
         observed = observe(pytorchjob.status, suspend_requested=suspend)
         events = None
         clock = self._clock()
-        if clock >= self._next_progress or observed.phase is not status.phase:
+        # No trainer has run while a job waits for its first start: nothing to read (saves an
+        # S3 LIST per queued job every progress_seconds).
+        never_ran = status.started_at is None and observed.phase is JobPhase.QUEUED
+        due = clock >= self._next_progress or observed.phase is not status.phase
+        if due and not never_ran:
             events = self._read_events(job)
             self._next_progress = clock + self.ctx.settings.operator.progress_seconds
         stored = observed.phase is JobPhase.SUCCEEDED and adapter_stored(

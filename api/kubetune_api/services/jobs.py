@@ -61,6 +61,8 @@ class JobService:
         self.layout = settings.object_store.layout()
         self._catalogue = {m.id: m for m in settings.models}
         self._transition_lock = threading.Lock()
+        # (org, fine-tuned model) → the job that produced it; bounded by the org's own jobs.
+        self._model_jobs: dict[tuple[str, str], str] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     def base_model(self, name: str) -> BaseModelEntry | None:
@@ -129,18 +131,24 @@ class JobService:
         return meta
 
     def find_fine_tuned(self, principal: Principal, model: str) -> FineTuneJob | None:
-        """The org's succeeded, undeleted job that produced ``model``."""
+        """The org's succeeded, undeleted job that produced ``model``.
+
+        Every proxied completion asks this, so the job found is remembered by (org, model) and
+        re-checked with one ``get``; only an unknown or changed model pages through the jobs.
+        """
+        key = (principal.org, model)
+        remembered = self._model_jobs.get(key)
+        if remembered is not None:
+            job = self.backend.get(principal.org, remembered)
+            if job is not None and _serves(job, model):
+                return job
+            self._model_jobs.pop(key, None)
         after = None
         while True:
             page = self.backend.list(principal.org, after=after, limit=500)
             for job in page.jobs:
-                status = job.status
-                if (
-                    status
-                    and status.fine_tuned_model == model
-                    and status.phase is JobPhase.SUCCEEDED
-                    and job.metadata.annotations.get(ANNOTATION_MODEL_DELETED) != "true"
-                ):
+                if _serves(job, model):
+                    self._model_jobs[key] = job.metadata.name
                     return job
             if not page.has_more or not page.jobs:
                 return None
@@ -419,3 +427,14 @@ def _label_value(value: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:63].strip("-._") or "unknown"
+
+
+def _serves(job: FineTuneJob, model: str) -> bool:
+    """Whether ``job`` produced ``model`` and the model still exists."""
+    status = job.status
+    return (
+        status is not None
+        and status.fine_tuned_model == model
+        and status.phase is JobPhase.SUCCEEDED
+        and job.metadata.annotations.get(ANNOTATION_MODEL_DELETED) != "true"
+    )
