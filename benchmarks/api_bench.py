@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -32,7 +30,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,6 +41,7 @@ for _root in (REPO_ROOT, REPO_ROOT / "api"):
 
 import httpx2  # noqa: E402
 
+from benchmarks.common import machine_info, percentile, proc_status_mib  # noqa: E402
 from kubetune.datasets import validate_jsonl  # noqa: E402
 from tests.harness.api import ApiServer, backend_env, start_api  # noqa: E402
 
@@ -89,16 +87,6 @@ class Cell:
     requests_per_s: float
     jobs_in_org: int
     first_error: str | None = None
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of sorted values, interpolated linearly."""
-    if not sorted_values:
-        raise ValueError("no values")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
 Request = Callable[[httpx2.AsyncClient, int], Awaitable[httpx2.Response]]
@@ -350,16 +338,6 @@ def generate_jsonl(path: Path, size_mb: int) -> Generated:
     return Generated(path, size_mb, written, lines)
 
 
-def proc_status_mib(pid: int) -> dict[str, float]:
-    """``VmRSS`` and ``VmHWM`` of a process, in MiB."""
-    values: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) / 1024  # kB
-    return values
-
-
 def bench_upload(generated: Generated, workdir: Path) -> Upload:
     """Upload ``generated`` to a fresh local-backend API and read its peak RSS."""
     server = start_api(
@@ -456,30 +434,8 @@ def cell_row(cell: Cell) -> str:
     )
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu_model = None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.partition(":")[2].strip()
-                break
-    versions: dict[str, str | None] = {}
-    for package in ("fastapi", "starlette", "uvicorn", "httpx2", "pydantic", "kubernetes"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "packages": versions,
-    }
+# Whose versions the results record.
+PACKAGES = ("fastapi", "starlette", "uvicorn", "httpx2", "pydantic", "kubernetes")
 
 
 def summarize(cells: list[Cell], uploads: list[Upload], baselines: list[Baseline]) -> list[str]:
@@ -571,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown backend {backend!r}")
     started = time.perf_counter()
     results = Results(
-        machine=machine_info(),
+        machine=machine_info(PACKAGES),
         command=shlex.join([sys.executable, *sys.argv]),
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         config={

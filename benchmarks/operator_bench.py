@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import ssl
@@ -45,7 +44,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import machine_info, percentile, proc_status_mib  # noqa: E402
 from kubetune.datasets import validate_jsonl  # noqa: E402
 from kubetune.files import FileMeta, FilePurpose  # noqa: E402
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, JobPhase  # noqa: E402
@@ -291,16 +290,6 @@ def controller_owner(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def proc_status(pid: int) -> dict[str, float]:
-    """``VmRSS`` and ``VmHWM`` of a process, in MiB."""
-    values: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) / 1024  # kB
-    return values
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -402,16 +391,6 @@ def parse_metrics(text: str) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of sorted values, interpolated linearly."""
-    if not sorted_values:
-        raise ValueError("no values")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
 @dataclass
@@ -537,7 +516,7 @@ def run_bench(
         )
         stack.callback(ptjs.stop)
         time.sleep(1.0)  # let the operator settle after its start (initial listings)
-        idle = proc_status(pid)
+        idle = proc_status_mib(pid)
 
         names = [new_job_id() for _ in range(jobs)]
         returned: dict[str, float] = {}
@@ -603,7 +582,7 @@ def run_bench(
         idle_start = cpu_seconds(pid)
         time.sleep(idle_seconds)
         cpu_end = cpu_seconds(pid)
-        end = proc_status(pid)
+        end = proc_status_mib(pid)
         metrics = parse_metrics(operator.metrics())
         ftjs.stop()
         ptjs.stop()
@@ -716,31 +695,6 @@ def parse_stamp(value: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu_model = None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.partition(":")[2].strip()
-                break
-    versions: dict[str, str | None] = {}
-    for package in ("kopf", "kubernetes", "aiohttp", "boto3", "moto", "pydantic"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "packages": versions,
-    }
 
 
 def _s(value: float | None) -> str:
@@ -867,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(item.split("=", 1) for item in args.set)
     started = time.perf_counter()
     results = Results(
-        machine=machine_info(),
+        machine=machine_info(("kopf", "kubernetes", "aiohttp", "boto3", "moto", "pydantic")),
         command=shlex.join([sys.executable, *(sys.argv if argv is None else ["", *argv])]),
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         config={
