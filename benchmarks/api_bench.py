@@ -41,7 +41,12 @@ for _root in (REPO_ROOT, REPO_ROOT / "api"):
 
 import httpx2  # noqa: E402
 
-from benchmarks.common import machine_info, percentile, proc_status_mib  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_info,
+    percentile,
+    proc_status_mib,
+    start_cluster_and_s3,
+)
 from kubetune.datasets import validate_jsonl  # noqa: E402
 from tests.harness.api import ApiServer, backend_env, start_api  # noqa: E402
 
@@ -255,18 +260,8 @@ def start_backend(backend: str, workdir: Path, stack: ExitStack) -> ApiServer:
     if backend == "local":
         env = backend_env("local")
     else:
-        from kubernetes import client
-
-        from tests.harness.kube import start_cluster
-        from tests.harness.s3 import start_s3
-
-        cluster = start_cluster()
-        stack.callback(cluster.stop)
-        s3 = start_s3()
-        stack.callback(s3.stop)
         namespace = "kubetune-bench"
-        core: Any = client.CoreV1Api(cluster.api_client())
-        core.create_namespace({"metadata": {"name": namespace}})
+        cluster, s3 = start_cluster_and_s3(stack, namespace)
         env = backend_env(
             "kubernetes",
             s3_env=s3.env(),

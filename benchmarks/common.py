@@ -6,9 +6,14 @@ import os
 import platform
 import sys
 from collections.abc import Iterable
+from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.harness.kube import KubeCluster
+    from tests.harness.s3 import S3Server
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -55,3 +60,21 @@ def machine_info(packages: Iterable[str]) -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "packages": versions,
     }
+
+
+def start_cluster_and_s3(stack: ExitStack, namespace: str) -> tuple[KubeCluster, S3Server]:
+    """The real kube-apiserver + etcd (with ``namespace`` created) and the S3 server, both
+    stopped when ``stack`` closes.
+    """
+    from kubernetes import client
+
+    from tests.harness.kube import start_cluster
+    from tests.harness.s3 import start_s3
+
+    cluster = start_cluster()
+    stack.callback(cluster.stop)
+    s3 = start_s3()
+    stack.callback(s3.stop)
+    core: Any = client.CoreV1Api(cluster.api_client())
+    core.create_namespace({"metadata": {"name": namespace}})
+    return cluster, s3

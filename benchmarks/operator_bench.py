@@ -51,13 +51,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import machine_info, percentile, proc_status_mib  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    machine_info,
+    percentile,
+    proc_status_mib,
+    start_cluster_and_s3,
+)
 from kubetune.datasets import validate_jsonl  # noqa: E402
-from kubetune.files import FileMeta, FilePurpose  # noqa: E402
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, JobPhase  # noqa: E402
-from kubetune.ids import new_file_id, new_job_id  # noqa: E402
+from kubetune.ids import new_job_id  # noqa: E402
 from kubetune.objectstore import S3ObjectStore  # noqa: E402
 from kubetune.settings import ObjectStoreSettings  # noqa: E402
+from tests.harness.files import store_training_file  # noqa: E402
 from tests.harness.kube import KubeCluster  # noqa: E402
 from tests.harness.operator import OperatorProcess  # noqa: E402
 from tests.harness.s3 import S3Server  # noqa: E402
@@ -101,25 +106,12 @@ def training_rows(n: int = N_EXAMPLES) -> list[dict[str, Any]]:
 def upload_training_file(s3: S3Server, prefix: str) -> str:
     """Store one training file as the API does: bytes, then metadata with its report."""
     data = b"".join(json.dumps(row).encode() + b"\n" for row in training_rows())
+    report = validate_jsonl([data], min_examples=1)
+    if not report.valid:  # a bench of jobs that all fail validation would measure nothing
+        raise RuntimeError(f"the bench's training file is invalid: {report.error_message()}")
     store = S3ObjectStore(s3.bucket, client=s3.client(), internal_prefix=prefix)
     layout = ObjectStoreSettings(backend="s3", bucket=s3.bucket, prefix=prefix).layout()
-    report = validate_jsonl([data], min_examples=1)
-    if not report.valid:
-        raise RuntimeError(f"the bench's training file is invalid: {report.error_message()}")
-    file_id = new_file_id()
-    store.put_bytes(layout.file_key(ORG, file_id), data)
-    meta = FileMeta(
-        id=file_id,
-        org=ORG,
-        filename="train.jsonl",
-        purpose=FilePurpose.FINE_TUNE,
-        bytes=len(data),
-        created_at=int(time.time()),
-        sha256=report.sha256,
-        stats=report.model_dump(mode="json"),
-    )
-    store.put_json(layout.file_meta_key(ORG, file_id), meta.model_dump(mode="json"))
-    return file_id
+    return store_training_file(store, layout, ORG, data)
 
 
 def job_manifest(namespace: str, name: str, training_file: str) -> dict[str, Any]:
@@ -812,11 +804,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the tables and write the JSON and text results."""
-    from kubernetes import client
-
-    from tests.harness.kube import start_cluster
-    from tests.harness.s3 import start_s3
-
     args = parse_args(argv)
     settings = dict(item.split("=", 1) for item in args.set)
     started = time.perf_counter()
@@ -849,13 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-opbench-")))
         say("starting kube-apiserver + etcd and the S3 server")
-        cluster = start_cluster()
-        stack.callback(cluster.stop)
-        s3 = start_s3()
-        stack.callback(s3.stop)
         namespace = "kubetune-bench"
-        core: Any = client.CoreV1Api(cluster.api_client())
-        core.create_namespace({"metadata": {"name": namespace}})
+        cluster, s3 = start_cluster_and_s3(stack, namespace)
         bench = run_bench(
             cluster,
             s3,

@@ -5,9 +5,9 @@ apiserver. Each test gets its own namespace and its own object-store prefix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.datasets import validate_jsonl
 from kubetune.events import JobEvent, read_events
-from kubetune.files import FileMeta, FilePurpose
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJobStatus, JobPhase
-from kubetune.ids import new_file_id, new_job_id
+from kubetune.ids import new_job_id
 from kubetune.objectstore import ObjectStore, S3ObjectStore
 from kubetune.settings import ObjectStoreSettings
+from tests.harness.files import store_training_file
 from tests.harness.kube import KubeCluster
 from tests.harness.operator import OperatorProcess
+from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 from tests.harness.tools import Tool
 from tests.harness.training_operator import (
@@ -110,21 +110,7 @@ class Testbed:
     # -- inputs --------------------------------------------------------------------------------
     def upload(self, data: bytes, *, stats: dict[str, Any] | None = None) -> str:
         """Store a file as the API does: bytes, then metadata with its validation report."""
-        file_id = new_file_id()
-        self.store.put_bytes(self.layout.file_key(ORG, file_id), data)
-        report = validate_jsonl([data], min_examples=1)
-        meta = FileMeta(
-            id=file_id,
-            org=ORG,
-            filename="train.jsonl",
-            purpose=FilePurpose.FINE_TUNE,
-            bytes=len(data),
-            created_at=int(time.time()),
-            sha256=report.sha256,
-            stats=report.model_dump(mode="json") if stats is None else stats,
-        )
-        self.store.put_json(self.layout.file_meta_key(ORG, file_id), meta.model_dump(mode="json"))
-        return file_id
+        return store_training_file(self.store, self.layout, ORG, data, stats=stats)
 
     def manifest(self, training_file: str, name: str | None = None, **spec: Any) -> dict[str, Any]:
         """A FineTuneJob for the tiny model: 2 nodes, CPU, 20 steps."""
@@ -352,3 +338,65 @@ def new_name() -> str:
 def unique(prefix: str) -> str:
     """A short unique DNS label."""
     return f"{prefix}-{secrets.token_hex(3)}"
+
+
+# kopf peering: the KopfPeering CRD and the object two replicas share.
+PEERING_CRD = REPO_ROOT / "crds" / "kopf-peering.yaml"
+PEERING = "kubetune-operator"
+
+
+def make_peered_testbed(make_testbed: Callable[..., Testbed]) -> Testbed:
+    """A testbed whose operator (not started) peers, with the higher priority (200)."""
+    return make_testbed(start_operator=False, peering=PEERING, peering_priority="200")
+
+
+@contextlib.contextmanager
+def peered_operators(
+    testbed: Testbed, kube: KubeCluster, workdir: Path
+) -> Iterator[tuple[OperatorProcess, OperatorProcess]]:
+    """Start the testbed's operator (the leader) and a follower with the same settings and
+    priority 100; yield both once both keep alive in the peering object; stop both after.
+
+    Settings the test adds to ``testbed.operator.env`` before entering reach both replicas.
+    """
+    from kubernetes import client
+
+    kube.apply_crds((PEERING_CRD,))
+    custom: Any = client.CustomObjectsApi(testbed.api_client)
+    peering = ("kopf.dev", "v1", testbed.namespace, "kopfpeerings")
+    custom.create_namespaced_custom_object(
+        *peering,
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
+    )
+    leader = testbed.operator
+    (workdir / "follower").mkdir()
+    follower = OperatorProcess(
+        {
+            **leader.env,
+            "KUBETUNE_OPERATOR__PEERING_PRIORITY": "100",
+            "KUBETUNE_OPERATOR__METRICS_PORT": str(free_port()),
+        },
+        workdir / "follower",
+    )
+    leader.start()
+    follower.start()
+    try:
+
+        def peers() -> int:
+            obj = custom.get_namespaced_custom_object(*peering, PEERING)
+            return len(obj.get("status") or {})
+
+        # Both replicas keep their keep-alives in the peering object; the follower starts
+        # paused (kopf pauses until it has seen its peers) and stays so.
+        testbed.wait(lambda: peers() == 2, "both replicas to join the peering", timeout=60)
+        yield leader, follower
+    finally:
+        follower.stop()
+        leader.stop()
+
+
+def wait_resumed(testbed: Testbed, operator: OperatorProcess) -> None:
+    """Wait until a paused replica resumes (its peer with the higher priority left)."""
+    testbed.wait(
+        lambda: "Resuming operations" in operator.logs(), "the follower to resume", timeout=60
+    )

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kubetune.finetunejob import JobPhase
 from kubetune.ids import new_file_id
 from tests.harness.kube import KubeCluster
 from tests.harness.operator import OperatorProcess
-from tests.harness.paths import REPO_ROOT, free_port
-from tests.operator.conftest import Testbed
-
-PEERING_CRD = REPO_ROOT / "crds" / "kopf-peering.yaml"
-PEERING = "kubetune-operator"
+from tests.operator.conftest import (
+    Testbed,
+    make_peered_testbed,
+    peered_operators,
+    wait_resumed,
+)
 
 
 def acted_on(operator: OperatorProcess, name: str) -> bool:
@@ -25,48 +25,10 @@ def acted_on(operator: OperatorProcess, name: str) -> bool:
 
 
 def test_only_the_highest_priority_replica_acts(
-    kube: KubeCluster,
-    kube_api: Any,
-    namespace: str,
-    make_testbed: Callable[..., Testbed],
-    tmp_path: Path,
+    kube: KubeCluster, make_testbed: Callable[..., Testbed], tmp_path: Path
 ) -> None:
-    from kubernetes import client
-
-    kube.apply_crds((PEERING_CRD,))
-    custom: Any = client.CustomObjectsApi(kube_api)
-    custom.create_namespaced_custom_object(
-        "kopf.dev",
-        "v1",
-        namespace,
-        "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
-    )
-    testbed = make_testbed(start_operator=False, peering=PEERING, peering_priority="200")
-    leader = testbed.operator
-    (tmp_path / "follower").mkdir()
-    follower = OperatorProcess(
-        {
-            **leader.env,
-            "KUBETUNE_OPERATOR__PEERING_PRIORITY": "100",
-            "KUBETUNE_OPERATOR__METRICS_PORT": str(free_port()),
-        },
-        tmp_path / "follower",
-    )
-    leader.start()
-    follower.start()
-    try:
-
-        def peers() -> int:
-            obj = custom.get_namespaced_custom_object(
-                "kopf.dev", "v1", namespace, "kopfpeerings", PEERING
-            )
-            return len(obj.get("status") or {})
-
-        # Both replicas keep their keep-alives in the peering object; the follower starts
-        # paused (kopf pauses until it has seen its peers) and stays so.
-        testbed.wait(lambda: peers() == 2, "both replicas to join the peering", timeout=60)
-
+    testbed = make_peered_testbed(make_testbed)
+    with peered_operators(testbed, kube, tmp_path) as (leader, follower):
         # A job whose file is missing fails at once: enough to see who acts.
         first = testbed.apply(testbed.manifest(new_file_id()))
         testbed.wait_phase(first, JobPhase.FAILED, timeout=60)
@@ -75,11 +37,7 @@ def test_only_the_highest_priority_replica_acts(
 
         # The leader leaves (a rolling update's SIGTERM): the follower takes over.
         leader.stop()
-        testbed.wait(
-            lambda: "Resuming operations" in follower.logs(), "the follower to resume", timeout=60
-        )
+        wait_resumed(testbed, follower)
         second = testbed.apply(testbed.manifest(new_file_id()))
         testbed.wait_phase(second, JobPhase.FAILED, timeout=60)
         assert acted_on(follower, second)
-    finally:
-        follower.stop()

@@ -19,11 +19,14 @@ import pytest
 
 from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase
 from tests.harness.kube import KubeCluster
-from tests.harness.operator import OperatorProcess
-from tests.harness.paths import free_port
 from tests.harness.vllm import VllmServer
-from tests.operator.conftest import Testbed, jsonl, sft_rows
-from tests.operator.test_peering import PEERING, PEERING_CRD
+from tests.operator.conftest import (
+    Testbed,
+    jsonl,
+    make_peered_testbed,
+    peered_operators,
+    sft_rows,
+)
 from tests.serving.conftest import (
     MAX_LORA_RANK,
     SYNC_SECONDS,
@@ -198,51 +201,14 @@ def test_an_adapter_above_max_lora_rank_is_a_clear_error_on_the_job_and_in_an_ev
 
 def test_with_peering_the_active_operator_serves_and_the_next_one_takes_over(
     kube: KubeCluster,
-    kube_api: Any,
     make_testbed: Callable[..., Testbed],
     start_sidecar: Callable[[VllmServer, str], Sidecar],
     vllm_a: VllmServer,
     tmp_path: Path,
 ) -> None:
-    from kubernetes import client
-
-    testbed = make_testbed(start_operator=False, peering=PEERING, peering_priority="200")
-    kube.apply_crds((PEERING_CRD,))
-    custom: Any = client.CustomObjectsApi(kube_api)
-    custom.create_namespaced_custom_object(
-        "kopf.dev",
-        "v1",
-        testbed.namespace,
-        "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
-    )
-    leader = testbed.operator
-    leader.env["KUBETUNE_SERVING__SYNC_SECONDS"] = SYNC_SECONDS
-    (tmp_path / "follower").mkdir()
-    follower = OperatorProcess(
-        {
-            **leader.env,
-            "KUBETUNE_OPERATOR__PEERING_PRIORITY": "100",
-            "KUBETUNE_OPERATOR__METRICS_PORT": str(free_port()),
-        },
-        tmp_path / "follower",
-    )
-    leader.start()
-    follower.start()
-    try:
-        testbed.wait(
-            lambda: (
-                len(
-                    custom.get_namespaced_custom_object(
-                        "kopf.dev", "v1", testbed.namespace, "kopfpeerings", PEERING
-                    ).get("status")
-                    or {}
-                )
-                == 2
-            ),
-            "both replicas to join the peering",
-            timeout=60,
-        )
+    testbed = make_peered_testbed(make_testbed)
+    testbed.operator.env["KUBETUNE_SERVING__SYNC_SECONDS"] = SYNC_SECONDS
+    with peered_operators(testbed, kube, tmp_path) as (leader, follower):
         start_replica(testbed, "vllm-a", start_sidecar(vllm_a, "a"))
         name = submit(testbed, rank=8)
         testbed.wait_phase(name, JobPhase.SUCCEEDED, timeout=TRAIN_TIMEOUT)
@@ -271,6 +237,3 @@ def test_with_peering_the_active_operator_serves_and_the_next_one_takes_over(
             "the follower to unload the deleted model",
             SERVE_TIMEOUT,
         )
-    finally:
-        follower.stop()
-        leader.stop()

@@ -9,20 +9,39 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kubetune.finetunejob import JobPhase
 from kubetune.ids import new_file_id
 from kubetune.settings import WebhookSettings
 from kubetune.webhooks import OutboxEntry, create_endpoint, new_secret
 from tests.harness.kube import KubeCluster
-from tests.harness.operator import OperatorProcess
-from tests.harness.paths import free_port
-from tests.operator.conftest import ORG, Testbed, make_testbed, tiny_model
-from tests.operator.test_peering import PEERING, PEERING_CRD
+from tests.operator.conftest import (
+    ORG,
+    Testbed,
+    make_peered_testbed,
+    make_testbed,
+    peered_operators,
+    tiny_model,
+    wait_resumed,
+)
 from tests.webhooks.receiver import Receiver
 
 __all__ = ["make_testbed", "tiny_model"]  # the operator tests' fixtures, used here
+
+
+# Loopback receivers over http: the operator must accept them (production refuses both).
+LOOPBACK = WebhookSettings(allow_insecure_targets=True, allow_private_targets=True)
+
+
+def operator_webhook_env(poll_seconds: str, **more: str) -> dict[str, str]:
+    """The operator's webhook settings for loopback receivers, polling its outbox often."""
+    env = {
+        "KUBETUNE_WEBHOOKS__ALLOW_INSECURE_TARGETS": "true",
+        "KUBETUNE_WEBHOOKS__ALLOW_PRIVATE_TARGETS": "true",
+        "KUBETUNE_WEBHOOKS__POLL_SECONDS": poll_seconds,
+    }
+    env.update({f"KUBETUNE_WEBHOOKS__{k.upper()}": v for k, v in more.items()})
+    return env
 
 
 def test_each_terminal_job_gets_exactly_one_signed_event_per_endpoint(
@@ -35,18 +54,15 @@ def test_each_terminal_job_gets_exactly_one_signed_event_per_endpoint(
     testbed = make_testbed(start_operator=False)
     static = [{"org": ORG, "url": configured.url, "secret": configured.secret}]
     testbed.operator.env.update(
-        {
-            "KUBETUNE_WEBHOOKS__ALLOW_INSECURE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__ALLOW_PRIVATE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__BACKOFF_BASE_SECONDS": "0.2",
-            "KUBETUNE_WEBHOOKS__BACKOFF_CAP_SECONDS": "1",
-            "KUBETUNE_WEBHOOKS__POLL_SECONDS": "0.2",
-            "KUBETUNE_WEBHOOKS__ENDPOINTS": json.dumps(static),
-        }
+        operator_webhook_env(
+            "0.2",
+            backoff_base_seconds="0.2",
+            backoff_cap_seconds="1",
+            endpoints=json.dumps(static),
+        )
     )
-    opts = WebhookSettings(allow_insecure_targets=True, allow_private_targets=True)
     create_endpoint(
-        testbed.store, testbed.layout, ORG, registered.url, opts, secret=registered.secret
+        testbed.store, testbed.layout, ORG, registered.url, LOOPBACK, secret=registered.secret
     )
     testbed.operator.start()
     try:
@@ -97,15 +113,10 @@ def test_an_operator_killed_before_queueing_the_event_sends_it_after_restart(
 ) -> None:
     receiver = Receiver(new_secret()).start()
     testbed = make_testbed(start_operator=False)
-    testbed.operator.env.update(
-        {
-            "KUBETUNE_WEBHOOKS__ALLOW_INSECURE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__ALLOW_PRIVATE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__POLL_SECONDS": "0.2",
-        }
+    testbed.operator.env.update(operator_webhook_env("0.2"))
+    create_endpoint(
+        testbed.store, testbed.layout, ORG, receiver.url, LOOPBACK, secret=receiver.secret
     )
-    opts = WebhookSettings(allow_insecure_targets=True, allow_private_targets=True)
-    create_endpoint(testbed.store, testbed.layout, ORG, receiver.url, opts, secret=receiver.secret)
     # The terminal phase is written, then the process dies before the event is queued.
     testbed.operator.start(env={"KUBETUNE_OPERATOR_FAULT": "before-webhook-announce"})
     try:
@@ -127,71 +138,29 @@ def test_an_operator_killed_before_queueing_the_event_sends_it_after_restart(
 
 
 def test_of_two_peered_operators_only_the_active_one_sends(
-    kube: KubeCluster,
-    kube_api: Any,
-    make_testbed: Callable[..., Testbed],
-    tmp_path: Path,
+    kube: KubeCluster, make_testbed: Callable[..., Testbed], tmp_path: Path
 ) -> None:
-    from kubernetes import client
-
     # A slow receiver: a second sender polling meanwhile would POST the same message too.
     receiver = Receiver(new_secret(), delay=1.0).start()
-    testbed = make_testbed(start_operator=False, peering=PEERING, peering_priority="200")
-    kube.apply_crds((PEERING_CRD,))
-    custom: Any = client.CustomObjectsApi(kube_api)
-    custom.create_namespaced_custom_object(
-        "kopf.dev",
-        "v1",
-        testbed.namespace,
-        "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
+    testbed = make_peered_testbed(make_testbed)
+    testbed.operator.env.update(operator_webhook_env("0.1"))
+    create_endpoint(
+        testbed.store, testbed.layout, ORG, receiver.url, LOOPBACK, secret=receiver.secret
     )
-    testbed.operator.env.update(
-        {
-            "KUBETUNE_WEBHOOKS__ALLOW_INSECURE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__ALLOW_PRIVATE_TARGETS": "true",
-            "KUBETUNE_WEBHOOKS__POLL_SECONDS": "0.1",
-        }
-    )
-    opts = WebhookSettings(allow_insecure_targets=True, allow_private_targets=True)
-    create_endpoint(testbed.store, testbed.layout, ORG, receiver.url, opts, secret=receiver.secret)
-    leader = testbed.operator
-    (tmp_path / "follower").mkdir()
-    follower = OperatorProcess(
-        {
-            **leader.env,
-            "KUBETUNE_OPERATOR__PEERING_PRIORITY": "100",
-            "KUBETUNE_OPERATOR__METRICS_PORT": str(free_port()),
-        },
-        tmp_path / "follower",
-    )
-    leader.start()
-    follower.start()
     try:
-
-        def peers() -> int:
-            obj = custom.get_namespaced_custom_object(
-                "kopf.dev", "v1", testbed.namespace, "kopfpeerings", PEERING
-            )
-            return len(obj.get("status") or {})
-
-        testbed.wait(lambda: peers() == 2, "both replicas to join the peering", timeout=60)
-        first = testbed.apply(testbed.manifest(new_file_id()))  # no such file: fails at once
-        testbed.wait_phase(first, JobPhase.FAILED, timeout=60)
-        receiver.wait_for(lambda r: len(r.deliveries) >= 1, timeout=60)
-        time.sleep(2)  # a second sender, polling every 0.1 s, would have posted it by now
-        # The leader leaves; the follower resumes and sends the next job's event.
-        leader.stop()
-        testbed.wait(
-            lambda: "Resuming operations" in follower.logs(), "the follower to resume", timeout=60
-        )
-        second = testbed.apply(testbed.manifest(new_file_id()))
-        testbed.wait_phase(second, JobPhase.FAILED, timeout=60)
-        receiver.wait_for(lambda r: len(r.deliveries) >= 2, timeout=60)
-        time.sleep(2)
+        with peered_operators(testbed, kube, tmp_path) as (leader, follower):
+            first = testbed.apply(testbed.manifest(new_file_id()))  # no such file: fails at once
+            testbed.wait_phase(first, JobPhase.FAILED, timeout=60)
+            receiver.wait_for(lambda r: len(r.deliveries) >= 1, timeout=60)
+            time.sleep(2)  # a second sender, polling every 0.1 s, would have posted it by now
+            # The leader leaves; the follower resumes and sends the next job's event.
+            leader.stop()
+            wait_resumed(testbed, follower)
+            second = testbed.apply(testbed.manifest(new_file_id()))
+            testbed.wait_phase(second, JobPhase.FAILED, timeout=60)
+            receiver.wait_for(lambda r: len(r.deliveries) >= 2, timeout=60)
+            time.sleep(2)
     finally:
-        follower.stop()
-        leader.stop()
         receiver.stop()
     assert receiver.rejected == []
     assert len(receiver.deliveries) == 2
