@@ -41,7 +41,7 @@ import httpx
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from standardwebhooks import Webhook
 
-from kubetune.finetunejob import JobPhase
+from kubetune.finetunejob import FineTuneJob, JobPhase
 from kubetune.ids import (
     new_webhook_endpoint_id,
     static_webhook_endpoint_id,
@@ -337,6 +337,29 @@ def enqueue_job_event(
         if _create_if_absent(store, layout, entry):
             written.append(entry.message_id)
     return written
+
+
+def announce_job_end(
+    store: ObjectStore, layout: StorageLayout, opts: WebhookSettings, job: FineTuneJob
+) -> list[str]:
+    """Queue the event of a job that reached a terminal phase (the operator's and the local
+    executor's one call). Idempotent; returns the message ids written now.
+    """
+    status = job.status
+    event_type = EVENT_OF_PHASE.get(status.phase) if status and status.phase else None
+    if status is None or not opts.enabled or event_type is None:
+        return []
+    org = job.spec.org
+    return enqueue_job_event(
+        store,
+        layout,
+        org,
+        job.metadata.name,
+        event_type,
+        # The job's own end time, so a replay writes the same payload.
+        created_at=int(status.finished_at.timestamp()) if status.finished_at else None,
+        static=static_endpoints(opts, org),
+    )
 
 
 def _create_if_absent(store: ObjectStore, layout: StorageLayout, entry: OutboxEntry) -> bool:

@@ -49,7 +49,7 @@ from kubetune.reconcile import (
 from kubetune.settings import Settings
 from kubetune.storage_layout import StorageLayout
 from kubetune.trainer_config import TrainerConfig
-from kubetune.webhooks import EVENT_OF_PHASE, enqueue_job_event, static_endpoints
+from kubetune.webhooks import announce_job_end
 from kubetune_operator import manifests
 from kubetune_operator.kube import Conflict, KubeClient
 from kubetune_operator.metrics import OperatorMetrics
@@ -131,24 +131,9 @@ class PassResult:
 
 def announce_terminal(ctx: OperatorContext, job: FineTuneJob) -> int:
     """Queue the webhook event of a job in a terminal phase (idempotent); how many were new."""
-    opts = ctx.settings.webhooks
-    status = job.status
-    event_type = EVENT_OF_PHASE.get(status.phase) if status and status.phase else None
-    if status is None or not opts.enabled or event_type is None:
-        return 0
-    finished = int(status.finished_at.timestamp()) if status.finished_at else None
-    org, name = job.spec.org, job.metadata.name
-    written = enqueue_job_event(
-        ctx.store,
-        ctx.layout,
-        org,
-        name,
-        event_type,
-        created_at=finished,
-        static=static_endpoints(opts, org),
-    )
+    written = announce_job_end(ctx.store, ctx.layout, ctx.settings.webhooks, job)
     if written:
-        log.info("%s: %s queued for %d endpoint(s)", name, event_type, len(written))
+        log.info("%s: %d webhook delivery(ies) queued", job.metadata.name, len(written))
     return len(written)
 
 

@@ -51,7 +51,7 @@ from kubetune.reconcile import (
 )
 from kubetune.settings import Settings
 from kubetune.trainer_config import TrainerConfig
-from kubetune.webhooks import EVENT_OF_PHASE, WebhookSender, enqueue_job_event, static_endpoints
+from kubetune.webhooks import WebhookSender, announce_job_end
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_api.executor.policy import Relaunch, after_exit, startable, trainer_env
 from kubetune_api.executor.process import ChildProcess
@@ -426,7 +426,7 @@ class LocalExecutor:
         events.extend(_notice_event(n) for n in outcome.notices)
         self._write_events(job, events)
         if stored.status is not None and is_terminal(stored.status.phase):
-            self._announce(stored, stored.status)
+            announce_job_end(self.store, self.layout, self.settings.webhooks, stored)
         return stored, bool(outcome.transitions)
 
     def _write_events(self, job: FineTuneJob, events: list[JobEvent]) -> None:
@@ -437,23 +437,6 @@ class LocalExecutor:
             write_control_events(self.store, prefix, events)
         except Exception:  # the status is written; a lost job event is only a log line
             log.warning("%s: could not write job events", job.metadata.name, exc_info=True)
-
-    def _announce(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
-        """Queue the terminal webhook event, as the operator does (idempotent)."""
-        opts = self.settings.webhooks
-        event_type = EVENT_OF_PHASE.get(status.phase) if status.phase else None
-        if not opts.enabled or event_type is None:
-            return
-        finished = int(status.finished_at.timestamp()) if status.finished_at else None
-        enqueue_job_event(
-            self.store,
-            self.layout,
-            job.spec.org,
-            job.metadata.name,
-            event_type,
-            created_at=finished,
-            static=static_endpoints(opts, job.spec.org),
-        )
 
 
 def _notice_event(notice: Transition) -> JobEvent:
