@@ -171,9 +171,10 @@ def _committed_steps(data_dir: Path, job_id: str) -> list[int]:
 
 
 def test_ctrl_c_mid_job_then_restart_resumes_it(server: LocalServer, client: OpenAI) -> None:
-    # Long enough to stop mid-way after a checkpoint, whatever the machine's speed.
-    job = demo.create_job(client, demo.upload(client, demo.dataset(seed=1)), n_epochs=3)
-    total = 60
+    # Long enough to stop mid-way, whatever the machine's speed: an idle machine trains the tiny
+    # model at several steps a second, and stopping the server takes a few seconds.
+    job = demo.create_job(client, demo.upload(client, demo.dataset(seed=1)), n_epochs=10)
+    total = 200  # 40 examples, batch 2, 10 epochs
     deadline = time.monotonic() + 300
     seen: set[str] = set()
     steps: list[int] = []
