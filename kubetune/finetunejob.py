@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -47,6 +48,27 @@ ORG_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 DNS_LABEL_PATTERN: Final = ORG_PATTERN
 SUFFIX_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
 VLLM_LORA_RANKS: Final = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Modules vLLM loads no LoRA weights for: it serves adapters on the linear layers of attention
+# and MLP blocks, not on the token embeddings or the output head (names as the common
+# architectures spell them; PEFT matches a target against the end of a module's name).
+VLLM_UNSERVABLE_MODULES: Final = frozenset(
+    {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out", "word_embeddings"}
+)
+
+
+def check_servable_targets(names: list[str]) -> list[str]:
+    """``names`` if vLLM can serve LoRA weights on every one; a ValueError naming those it
+    cannot (the embeddings and the output head).
+    """
+    refused = [n for n in names if n.rsplit(".", 1)[-1] in VLLM_UNSERVABLE_MODULES]
+    if refused:
+        raise ValueError(
+            f"target_modules {', '.join(refused)}: vLLM serves LoRA adapters on the linear "
+            "layers of attention and MLP blocks only, not on the embeddings or the output head"
+        )
+    return names
+
+
 MAX_CHECKPOINTS_IN_STATUS: Final = 10
 MAX_CONDITIONS: Final = 16
 
@@ -132,6 +154,25 @@ class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
+
+
+class ConditionType(StrEnum):
+    """Every condition type a FineTuneJob's status carries.
+
+    The first six are the training controller's (Kubeflow's ``JobConditionType``), mirrored from
+    the job's workload as the controller wrote them; the rest are kubetune's own.
+    """
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    FILES_VALIDATED = "FilesValidated"
+    QUEUED = "Queued"
+    CANCELLED = "Cancelled"
+    SERVED = "Served"
 
 
 class ErrorKind(StrEnum):
@@ -241,8 +282,14 @@ class Adapter(CRModel):
         min_length=1,
         max_length=64,
         description='Module names that get LoRA weights; "all-linear" means every linear '
-        "layer but the output head.",
+        "layer but the output head. Embeddings and the output head are refused: vLLM cannot "
+        "serve LoRA weights on them.",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _servable(cls, value: list[str]) -> list[str]:
+        return check_servable_targets(value)
 
 
 class WandbIntegration(CRModel):
@@ -295,6 +342,19 @@ class Resources(CRModel):
         description="GPU product to schedule on (matched against the node label configured in "
         "the operator's settings), e.g. NVIDIA-H100-80GB-HBM3.",
     )
+
+    profile: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        max_length=40,
+        description="Hardware profile (an admin-defined pod overlay: RDMA/EFA, NCCL, runtime "
+        "class) the trainer pods run with.",
+    )
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the job asks for in all (nodes times GPUs per node)."""
+        return self.nodes * self.gpus_per_node
 
 
 class Checkpointing(CRModel):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubetune.storage_layout import StorageLayout
@@ -24,6 +26,15 @@ class Mode(StrEnum):
 
     KUBERNETES = "kubernetes"
     LOCAL = "local"
+
+
+class WorkloadKind(StrEnum):
+    """What runs a job's trainer in a cluster: Kubeflow Trainer v2's TrainJob (on JobSet), or
+    Training Operator 1.x's PyTorchJob (kept on its release-1.9 branch only).
+    """
+
+    TRAINJOB = "trainjob"
+    PYTORCHJOB = "pytorchjob"
 
 
 class ObjectStoreBackend(StrEnum):
@@ -47,6 +58,20 @@ class ObjectStoreSettings(BaseModel):
     region: str | None = Field(default=None, description="S3 region.")
     local_root: Path | None = Field(
         default=None, description="Folder for the local backend (default: <data_dir>/store)."
+    )
+    connect_timeout_seconds: float = Field(
+        default=3.0, gt=0, description="S3: longest wait for a connection."
+    )
+    read_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="S3: longest wait for the next bytes of a response."
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="S3: tries of a request, with the SDK's backoff in between. With the "
+        "timeouts above this bounds how long an outage holds a request (the API then answers "
+        "503 with Retry-After).",
     )
 
     def layout(self) -> StorageLayout:
@@ -93,6 +118,114 @@ class BaseModelEntry(BaseModel):
         "local folder (e.g. a volume mounted in the trainer pod), or 'store:<key prefix>' for a "
         "folder in the shared object store.",
     )
+    volume_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        description="A PersistentVolumeClaim for the weights. With a local path: a ReadOnlyMany "
+        "claim holding them, mounted read-only at that path in trainer (and vLLM) pods. With a "
+        "'store:' path: a ReadWriteMany claim the trainers cache the download in, so a restart "
+        "or the next job does not download the weights again.",
+    )
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def url_under(url: str, prefix: str) -> bool:
+    """Whether ``url`` lies under ``prefix``: the same scheme, host and port (a default port
+    spelt or not), a path inside the prefix's on a segment boundary, and no user info (which
+    could make ``https://allowed@elsewhere`` look allowed).
+    """
+    try:
+        got, want = urlsplit(url), urlsplit(prefix)
+        got_port = got.port or _DEFAULT_PORTS.get(got.scheme.lower())
+        want_port = want.port or _DEFAULT_PORTS.get(want.scheme.lower())
+    except ValueError:  # a port that is not a number
+        return False
+    if got.username is not None or got.password is not None:
+        return False
+    if (got.scheme.lower(), got.hostname, got_port) != (
+        want.scheme.lower(),
+        want.hostname,
+        want_port,
+    ) or not got.hostname:
+        return False
+    base = want.path.rstrip("/")
+    return got.path == base or got.path.startswith(base + "/") or not base
+
+
+class TrackingSettings(BaseModel):
+    """The experiment trackers a job may name: trainer pods call no server a tenant chose."""
+
+    mlflow_tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="MLflow servers a job may name in integrations[].mlflow.tracking_uri: URL "
+        "prefixes (scheme, host and port must match; the path must lie under the entry's). "
+        "Empty: a job names none, and trainers use the MLFLOW_TRACKING_URI of their "
+        "environment.",
+    )
+
+    def mlflow_uri_allowed(self, uri: str) -> bool:
+        """Whether a job may send its MLflow runs to ``uri``."""
+        return any(url_under(uri, prefix) for prefix in self.mlflow_tracking_uris)
+
+
+class QueueingSettings(BaseModel):
+    """Admission through Kueue, and what a job may ask for.
+
+    The API enforces the queue allow-list and the GPU caps before a job is created (clear 400
+    and 429 errors); the job driver enforces the queued-time limit on every runtime.
+    """
+
+    kueue: bool = Field(
+        default=False,
+        description="The cluster runs Kueue with its TrainJob (or PyTorchJob) integration: a job "
+        "with a queue is created suspended and started by Kueue's admission, never by the "
+        "operator; pause and resume set the Kueue Workload's spec.active.",
+    )
+    default_queue: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Kueue LocalQueue of the jobs that name none.",
+    )
+    org_queues: dict[str, str] = Field(
+        default_factory=dict,
+        description="Org → its default LocalQueue (instead of default_queue).",
+    )
+    allowed_queues: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Org → the LocalQueues its jobs may name ('*': every org). An org may always "
+        "use its default queue; a queue named by nobody's list is refused.",
+    )
+    max_gpus_per_job: int | None = Field(
+        default=None, ge=1, description="Most GPUs (nodes times GPUs per node) one job may ask for."
+    )
+    max_gpus_per_org: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most GPUs an org's unfinished jobs may ask for together (429 beyond).",
+    )
+    gpu_types: list[str] = Field(
+        default_factory=list,
+        description="The gpu_type values a job may ask for (empty: any, matched by the node "
+        "label).",
+    )
+    max_queued_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="A job that waits this long in queued without its trainer starting fails "
+        "with queue_timeout (None: it waits as long as it takes).",
+    )
+
+    def default_queue_of(self, org: str) -> str | None:
+        """The queue of an org's jobs that name none."""
+        return self.org_queues.get(org, self.default_queue)
+
+    def queue_allowed(self, org: str, queue: str) -> bool:
+        """Whether an org's job may name ``queue``."""
+        allowed = {*self.allowed_queues.get(org, ()), *self.allowed_queues.get("*", ())}
+        return queue == self.default_queue_of(org) or queue in allowed
 
 
 class ApiSettings(BaseModel):
@@ -118,8 +251,76 @@ class Toleration(BaseModel):
     effect: str | None = None
 
 
+class HardwareProfile(BaseModel):
+    """A named pod overlay an admin defines and a job selects (``resources.profile``): what a
+    trainer pod needs on one kind of node — RDMA/EFA devices, NCCL environment, a Multus network
+    annotation, affinity, tolerations, a runtime class, extra volumes.
+
+    Applied to the trainer pods of both runtimes. Everything here is trusted configuration
+    (Helm values), never user input; profiles that add capabilities or host volumes need a
+    namespace above the restricted Pod Security level (docs/helm-gpu.md). Keys may be written
+    as Kubernetes writes them (``nodeSelector``, ``runtimeClassName``, ``volumeMounts``).
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40, description="What jobs name."
+    )
+    description: str = Field(default="", max_length=512, description="Shown to admins.")
+    orgs: list[str] = Field(
+        default_factory=list, description="Orgs that may select it (empty: every org)."
+    )
+    resources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra resources per pod, as requests and limits (e.g. "
+        "{'vpc.amazonaws.com/efa': '32'} or {'rdma/rdma_shared_device_a': '1'}).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Trainer environment (e.g. NCCL_IB_HCA, FI_PROVIDER)."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Pod labels.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Pod annotations (e.g. k8s.v1.cni.cncf.io/networks)."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Added node labels.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Added tolerations.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (whole).")
+    runtime_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Pod runtimeClassName. TrainJobs get it from the chart's per-profile "
+        "ClusterTrainingRuntime (<training runtime>-<profile>): a runtime patch cannot set it.",
+    )
+    capabilities: list[str] = Field(
+        default_factory=list, description="Capabilities added to the trainer (e.g. IPC_LOCK)."
+    )
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra pod volumes (Kubernetes Volume objects)."
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Where the trainer mounts them (VolumeMount objects)."
+    )
+
+    def allows(self, org: str) -> bool:
+        """Whether ``org``'s jobs may select this profile."""
+        return not self.orgs or org in self.orgs
+
+
 class OperatorSettings(BaseModel):
-    """How the operator turns FineTuneJobs into PyTorchJobs."""
+    """How the operator turns FineTuneJobs into TrainJobs or PyTorchJobs."""
+
+    runtime: WorkloadKind = Field(
+        default=WorkloadKind.TRAINJOB,
+        description="trainjob: Kubeflow Trainer v2 TrainJobs (the chart ships their "
+        "ClusterTrainingRuntime); pytorchjob: Training Operator 1.x PyTorchJobs.",
+    )
+    training_runtime: str = Field(
+        default="kubetune-trainer",
+        min_length=1,
+        max_length=253,
+        description="The ClusterTrainingRuntime every TrainJob references (the chart's).",
+    )
 
     trainer_image: str = Field(
         default="ghcr.io/kubetune/trainer:0.1.0", description="Image of the trainer pods."
@@ -146,6 +347,11 @@ class OperatorSettings(BaseModel):
         default_factory=list, description="Tolerations for trainer pods."
     )
     priority_class: str | None = Field(default=None, description="PriorityClass of trainers.")
+    hardware_profiles: list[HardwareProfile] = Field(
+        default_factory=list,
+        description="Pod overlays jobs select by name (JSON in "
+        "KUBETUNE_OPERATOR__HARDWARE_PROFILES; the API checks the names too).",
+    )
     backoff_limit: int = Field(
         default=6, ge=0, description="Pod restarts before the PyTorchJob fails."
     )
@@ -156,6 +362,12 @@ class OperatorSettings(BaseModel):
         default=600,
         ge=30,
         description="Time a trainer gets after SIGTERM to commit its checkpoint.",
+    )
+    collective_timeout_seconds: int = Field(
+        default=3600,
+        ge=60,
+        description="Longest a trainer rank waits in a collective (NCCL's watchdog) while "
+        "another downloads the base model or uploads a checkpoint.",
     )
     master_port: int = Field(default=23456, ge=1, le=65535, description="torchrun rendezvous.")
     cpu_request: str = Field(default="4", description="CPU request per trainer pod.")
@@ -181,6 +393,24 @@ class OperatorSettings(BaseModel):
     progress_seconds: float = Field(
         default=15.0, gt=0, description="How often a running job's trainer events are read."
     )
+    max_reconcile_failures: int = Field(
+        default=20,
+        ge=1,
+        description="Consecutive failed passes over one job (retried with backoff up to a "
+        "minute) after which it fails with reconcile_failed instead of retrying forever.",
+    )
+    scheduler_name: str | None = Field(
+        default=None,
+        description="Scheduler of PyTorchJob pods that gang-schedules them (volcano, or the "
+        "scheduler-plugins scheduler); the job then asks for all its pods at once "
+        "(runPolicy.schedulingPolicy.minAvailable).",
+    )
+    scratch_size: str = Field(
+        default="50Gi",
+        description="Size limit and ephemeral-storage request of a trainer's scratch emptyDir "
+        "(downloaded weights, checkpoints being written).",
+    )
+
     peering: str | None = Field(
         default=None,
         description="kopf peering object (KopfPeering in the namespace): replicas pause for the "
@@ -189,6 +419,10 @@ class OperatorSettings(BaseModel):
     peering_priority: int | None = Field(
         default=None, description="This replica's peering priority (None: a random one)."
     )
+
+    def hardware_profile(self, name: str | None) -> HardwareProfile | None:
+        """The profile called ``name`` (None for None or an unknown name)."""
+        return next((p for p in self.hardware_profiles if p.name == name), None)
 
 
 class StaticWebhookEndpoint(BaseModel):
@@ -228,6 +462,13 @@ class WebhookSettings(BaseModel):
         description="At start, the sender queues the events of jobs finished this recently "
         "that no event was queued for (a process stopped in between).",
     )
+    delivered_retention_hours: float = Field(
+        default=168.0,
+        gt=0,
+        description="How long a delivery's marker is kept (the sender prunes older ones). An "
+        "event of a job that finished longer ago than this is never queued again, so a pruned "
+        "marker cannot let a replay send it twice; keep it above sweep_hours.",
+    )
     endpoints: list[StaticWebhookEndpoint] = Field(
         default_factory=list,
         description="Endpoints from configuration (JSON in KUBETUNE_WEBHOOKS__ENDPOINTS).",
@@ -262,6 +503,13 @@ class ServingSettings(BaseModel):
     adapter_sync_port: int = Field(
         default=8081, ge=0, le=65535, description="Port of the adapter-sync sidecar."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port where the sidecar serves vLLM's /metrics and nothing else, so "
+        "Prometheus never needs vLLM's own port (None: not served).",
+    )
     max_lora_rank: int = Field(
         default=16, description="vLLM's --max-lora-rank: adapters of a larger rank are refused."
     )
@@ -277,6 +525,12 @@ class ServingSettings(BaseModel):
     request_timeout_seconds: float = Field(
         default=120.0, gt=0, description="Timeout of one call to vLLM or to a sidecar."
     )
+    vllm_api_key: SecretStr | None = Field(
+        default=None,
+        description="vLLM's API key (its --api-key / VLLM_API_KEY): sent as a bearer token by "
+        "the API's inference proxy and by the adapter-sync sidecar, so nothing else on the "
+        "network may load adapters or run inference on vLLM.",
+    )
     vllm_urls: dict[str, str] = Field(
         default_factory=dict,
         description="Base model id → base URL of the vLLM deployment serving it (the API's "
@@ -285,13 +539,8 @@ class ServingSettings(BaseModel):
 
 
 class LocalSettings(BaseModel):
-    """Local mode's executor, which runs jobs as trainer subprocesses of the API process."""
+    """Local mode's job runner (``python -m kubetune_local``): trainers as subprocesses."""
 
-    run_jobs: bool = Field(
-        default=False,
-        description="Run jobs in the API process (``python -m kubetune_api.local_mode`` turns it "
-        "on); off, a local-mode API only stores them.",
-    )
     max_running_jobs: int = Field(default=1, ge=1, description="Trainers running at once.")
     poll_seconds: float = Field(default=1.0, gt=0, description="How often jobs are looked at.")
     progress_seconds: float = Field(
@@ -322,6 +571,8 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    queueing: QueueingSettings = Field(default_factory=QueueingSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     models: list[BaseModelEntry] = Field(
         default_factory=list, description="The base-model catalogue (JSON in KUBETUNE_MODELS)."
     )

@@ -154,10 +154,14 @@ class StorageLayout:
         message = _check(message_id, _WEBHOOK_MESSAGE_RE, "webhook message id")
         return f"{self.webhook_outbox_prefix()}{message}.json"
 
+    def webhook_delivered_prefix(self) -> str:
+        """Folder of delivery markers."""
+        return f"{self._root()}webhooks/delivered/"
+
     def webhook_delivered_key(self, message_id: str) -> str:
         """Key of a delivery's marker, written once the receiver answered 2xx."""
         message = _check(message_id, _WEBHOOK_MESSAGE_RE, "webhook message id")
-        return f"{self._root()}webhooks/delivered/{message}.json"
+        return f"{self.webhook_delivered_prefix()}{message}.json"
 
     def webhook_failed_key(self, message_id: str) -> str:
         """Key of a delivery given up on (attempts exhausted, endpoint gone)."""

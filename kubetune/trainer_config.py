@@ -38,6 +38,9 @@ STORE_SCHEME: Final = "store:"
 BASE_LEARNING_RATE: Final = 2e-4
 DEFAULT_MICRO_BATCH_SIZE: Final = 8
 DEFAULT_METRICS_PORT: Final = 9400
+DEFAULT_STOP_GRACE_SECONDS: Final = 600
+# torch's default is ten minutes; a full 8B checkpoint upload or a 70B download takes longer.
+DEFAULT_COLLECTIVE_TIMEOUT_SECONDS: Final = 3600
 
 JobId = Annotated[str, StringConstraints(pattern=ID_PATTERNS[IdKind.JOB])]
 Org = Annotated[str, StringConstraints(pattern=ORG_PATTERN)]
@@ -46,13 +49,18 @@ Org = Annotated[str, StringConstraints(pattern=ORG_PATTERN)]
 class ConfigError(ValueError):
     """A FineTuneJob the trainer cannot run; ``param`` names the field at fault."""
 
-    def __init__(self, message: str, *, param: str) -> None:
+    def __init__(self, message: str, *, param: str, code: str = "invalid_model") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Where a trainer pod mounts the claim that caches weights downloaded from the object store.
+MODEL_CACHE_DIR: Final = "/var/cache/kubetune/models"
 
 
 class BaseModelSource(_Config):
@@ -64,11 +72,23 @@ class BaseModelSource(_Config):
         default=None, description="Object-store folder with HF weights and tokenizer."
     )
     context_length: int = Field(ge=16, description="Longest sequence the model takes.")
+    volume_claim: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim the runtime mounts: read-only at ``path``, or as the "
+        "download cache at ``cache_dir`` (store models).",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Folder (a shared volume) store weights are downloaded into once and reused "
+        "from, by restarts and later jobs; None: a scratch folder per run.",
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> Self:
         if (self.path is None) == (self.store_prefix is None):
             raise ValueError("exactly one of path and store_prefix must be set")
+        if self.cache_dir is not None and self.store_prefix is None:
+            raise ValueError("cache_dir is for weights in the object store")
         return self
 
 
@@ -126,6 +146,25 @@ class TrainerConfig(_Config):
         description="Longest time an event waits before the trainer writes it to the store "
         "(each flush is one object: S3 wants few; a local folder can take one a second).",
     )
+    cpu_fallback: bool = Field(
+        default=False,
+        description="Train on the CPU when the job asks for GPUs and none is usable (local mode "
+        "on a machine without one); otherwise such a job fails at once with an infrastructure "
+        "error.",
+    )
+    stop_grace_seconds: float = Field(
+        default=DEFAULT_STOP_GRACE_SECONDS,
+        gt=0,
+        description="Time the pod gives the trainer after SIGTERM (its "
+        "terminationGracePeriodSeconds): torchrun's workers get most of it to commit their "
+        "checkpoint.",
+    )
+    collective_timeout_seconds: int = Field(
+        default=DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
+        ge=60,
+        description="Longest a rank waits in a collective (NCCL's watchdog) while another rank "
+        "downloads the base model or uploads a checkpoint.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -175,6 +214,7 @@ def build_trainer_config(
         raise ConfigError(
             f"the catalogue does not say where the weights of {base_name!r} are", param="model"
         )
+    _check_tracking(spec.integrations, settings)
     path, prefix = parse_model_location(entry.path)
     hp = resolve(
         spec.method.hyperparameters,
@@ -200,7 +240,12 @@ def build_trainer_config(
         org=spec.org,
         fine_tuned_model=fine_tuned_model_name(spec.model, spec.org, spec.suffix, job_id),
         base_model=BaseModelSource(
-            name=base_name, path=path, store_prefix=prefix, context_length=entry.context_length
+            name=base_name,
+            path=path,
+            store_prefix=prefix,
+            context_length=entry.context_length,
+            volume_claim=entry.volume_claim,
+            cache_dir=MODEL_CACHE_DIR if entry.volume_claim and prefix else None,
         ),
         training_file=spec.training_file,
         validation_file=spec.validation_file,
@@ -226,6 +271,28 @@ def build_trainer_config(
         total_steps=total_steps(n_train_examples, hp.n_epochs, batch_size),
         image=image,
     )
+
+
+def tracking_uri_error(integrations: list[Integration], settings: Settings) -> ConfigError | None:
+    """The error of the first MLflow tracking URI this deployment does not allow, if any."""
+    for index, integration in enumerate(integrations):
+        uri = integration.mlflow.tracking_uri if integration.mlflow else None
+        if uri is not None and not settings.tracking.mlflow_uri_allowed(uri):
+            allowed = ", ".join(settings.tracking.mlflow_tracking_uris)
+            return ConfigError(
+                f"MLflow tracking URI {uri!r} is not allowed here; "
+                + (f"allowed: {allowed}" if allowed else "leave it unset to use the deployment's")
+                + ".",
+                param=f"integrations[{index}].mlflow.tracking_uri",
+                code="tracking_uri_not_allowed",
+            )
+    return None
+
+
+def _check_tracking(integrations: list[Integration], settings: Settings) -> None:
+    error = tracking_uri_error(integrations, settings)
+    if error is not None:
+        raise error
 
 
 def world_size(resources: Resources) -> int:

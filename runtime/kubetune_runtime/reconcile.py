@@ -1,7 +1,8 @@
 """Pure decisions of the reconcile loop: which phase a job moves to, its conditions, its error.
 
-Shared by the operator and the local executor (the lifecycle is decided once, not copied).
-Nothing here does I/O: the executor gathers what it observed (the FineTuneJob, its PyTorchJob,
+Called by the job driver (:mod:`kubetune_runtime.driver`) for every runtime: the lifecycle is
+decided once, not copied.
+Nothing here does I/O: the job driver gathers what it observed (the FineTuneJob, its workload,
 the trainer's events, whether the adapter is stored) and these functions say what the status
 becomes and which transitions happened (each transition becomes a Kubernetes Event). Being pure
 is what makes every step safe to repeat: the same observation always gives the same status.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -21,6 +22,7 @@ from kubetune.finetunejob import (
     MAX_CONDITIONS,
     Condition,
     ConditionStatus,
+    ConditionType,
     ErrorKind,
     FineTuneJobStatus,
     Hyperparameters,
@@ -28,31 +30,30 @@ from kubetune.finetunejob import (
     JobPhase,
 )
 from kubetune.lifecycle import ALLOWED_TRANSITIONS, TERMINAL_PHASES, is_terminal, progress_text
-from kubetune.observed import (
-    CREATED,
-    FAILED,
-    RESTARTING,
-    RUNNING,
-    SUCCEEDED,
-    SUSPENDED,
-    Observed,
-)
-from kubetune.progress import fold_events, trainer_error
 from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_runtime.observed import Observed
+from kubetune_runtime.progress import fold_events, trainer_error
 
-# PyTorchJob condition types copied into the FineTuneJob's conditions, as the training-operator
-# wrote them (reason, message and transition time included), so `kubectl describe ftj` shows
-# what happened to the pods without looking at the PyTorchJob.
-MIRRORED_CONDITIONS: Final = (CREATED, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED)
-# kubetune's own condition types.
-FILES_VALIDATED: Final = "FilesValidated"
-QUEUED: Final = "Queued"
-CANCELLED: Final = "Cancelled"
+# The training controller's condition types, copied into the FineTuneJob's conditions as the
+# controller wrote them (reason, message and transition time included), so `kubectl describe
+# ftj` shows what happened to the pods without looking at the workload.
+MIRRORED_CONDITIONS: Final = frozenset(
+    {
+        ConditionType.CREATED,
+        ConditionType.RUNNING,
+        ConditionType.RESTARTING,
+        ConditionType.SUCCEEDED,
+        ConditionType.FAILED,
+        ConditionType.SUSPENDED,
+    }
+)
 
 _MAX_MESSAGE: Final = 2048
 _MAX_REASON: Final = 128
-_BACKOFF_RE: Final = re.compile(r"backoff ?limit", re.IGNORECASE)
+# The training-operator's "has reached the specified backoff limit", JobSet's "jobset failed due
+# to reaching max number of restarts"; a deadline exceeded, worded by either.
+_BACKOFF_RE: Final = re.compile(r"backoff ?limit|max(imum)? number of restarts", re.IGNORECASE)
 _DEADLINE_RE: Final = re.compile(r"deadline", re.IGNORECASE)
 
 
@@ -68,12 +69,25 @@ class Transition:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something worth an event that is not a phase change: a restart, a refused adapter.
+
+    ``job_event``: also one of the job's own events (OpenAI's list), for what a user waits on.
+    """
+
+    reason: str
+    message: str
+    warning: bool = False
+    job_event: bool = False
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """The status a reconcile pass decided on, and the transitions that led there."""
+    """The status a reconcile pass decided on, the transitions that led there, and notices."""
 
     status: FineTuneJobStatus
     transitions: tuple[Transition, ...] = ()
-    notices: tuple[Transition, ...] = field(default=())  # non-phase events (restarts)
+    notices: tuple[Notice, ...] = field(default=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +174,11 @@ def parse_time(value: Any) -> datetime | None:
 
 
 def mirror_conditions(
-    conditions: Sequence[Condition], pytorchjob_status: dict[str, Any] | None, *, now: datetime
+    conditions: Sequence[Condition], workload: Sequence[Mapping[str, Any]], *, now: datetime
 ) -> list[Condition]:
-    """Copy the PyTorchJob's conditions (MIRRORED_CONDITIONS) into the FineTuneJob's."""
+    """Copy the workload's conditions (MIRRORED_CONDITIONS) into the FineTuneJob's."""
     result = list(conditions)
-    for raw in (pytorchjob_status or {}).get("conditions") or []:
+    for raw in workload:
         type_ = raw.get("type")
         if type_ not in MIRRORED_CONDITIONS:
             continue
@@ -195,20 +209,23 @@ def condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
 
 
 def failure_error(observed: Observed, events: Sequence[JobEvent]) -> JobError:
-    """Why a job whose PyTorchJob failed failed, and whose fault it is.
+    """Why a job whose workload failed failed, and whose fault it is.
 
     The trainer reports bad input with an error event before it exits with its user-error
     code (not retried): that makes it the user's error. Without such an event the pods failed
     for a reason of the platform's (backoff limit reached after OOM kills or lost nodes, the
-    deadline, a crash): an infrastructure error carrying the training-operator's message.
+    deadline, a crash): an infrastructure error carrying the training controller's message.
     """
     reported = trainer_error(events)
     if reported is not None and reported.kind is ErrorKind.USER:
         return reported
     message = observed.message or "The training pods failed"
-    if _BACKOFF_RE.search(message):
+    said = f"{observed.reason or ''} {message}"
+    if _BACKOFF_RE.search(said) or observed.reason == "ReachedMaxRestarts":
         code = "backoff_limit_exceeded"
-    elif _DEADLINE_RE.search(message):
+        if "backoff limit" not in message.lower():  # JobSet says "max number of restarts"
+            message = f"The trainer kept failing and reached the backoff limit: {message}"
+    elif _DEADLINE_RE.search(said):
         code = "deadline_exceeded"
     elif reported is not None:
         # An internal error the trainer reported (exit code 1): keep its own code and message.
@@ -296,12 +313,17 @@ def advance(
             updates["estimated_finish"] = None
         if phase is JobPhase.QUEUED:
             conditions = set_condition(
-                conditions, QUEUED, ConditionStatus.TRUE, reason="Waiting", message=None, now=now
+                conditions,
+                ConditionType.QUEUED,
+                ConditionStatus.TRUE,
+                reason="Waiting",
+                message=None,
+                now=now,
             )
-        elif condition(conditions, QUEUED) is not None:
+        elif condition(conditions, ConditionType.QUEUED) is not None:
             conditions = set_condition(
                 conditions,
-                QUEUED,
+                ConditionType.QUEUED,
                 ConditionStatus.FALSE,
                 reason=phase.value.title().replace("_", ""),
                 message=None,
@@ -313,9 +335,23 @@ def advance(
     return status, transitions
 
 
+def trainer_stopped(events: Sequence[JobEvent]) -> bool:
+    """Whether the trainer's last run ended by its own account (it stopped after committing its
+    checkpoint, finished or failed), or no trainer ever started: its last lifecycle event is not
+    a start.
+    """
+    for event in reversed(events):
+        kind = event_kind(event)
+        if kind in (TrainerEventKind.STARTED, TrainerEventKind.RESTARTED):
+            return False
+        if kind in (TrainerEventKind.PREEMPTED, TrainerEventKind.COMPLETED, TrainerEventKind.ERROR):
+            return True
+    return True
+
+
 def restart_notices(
     before: int, status: FineTuneJobStatus, events: Sequence[JobEvent]
-) -> list[Transition]:
+) -> list[Notice]:
     """A Warning event per restart the trainer reported since the last pass."""
     if status.restarts <= before:
         return []
@@ -325,13 +361,7 @@ def restart_notices(
         step = event.data.get("step")
         where = f"; resumed from step {step}" if step is not None else ""
         notices.append(
-            Transition(
-                status.phase,
-                status.phase or JobPhase.RUNNING,
-                "Restarted",
-                f"The trainer restarted (restart {number}){where}",
-                warning=True,
-            )
+            Notice("Restarted", f"The trainer restarted (restart {number}){where}", warning=True)
         )
     return notices
 
@@ -340,13 +370,12 @@ def observe_training(
     status: FineTuneJobStatus,
     observed: Observed,
     *,
-    pytorchjob_status: dict[str, Any] | None,
     events: Sequence[JobEvent] | None,
     adapter_stored: bool,
     fine_tuned_model: str | None,
     now: datetime,
 ) -> Outcome:
-    """The status of a job whose PyTorchJob exists, from what it and the trainer report.
+    """The status of a job whose workload exists, from what it and the trainer report.
 
     ``events`` is the trainer's whole event log when it was read on this pass (None when not:
     progress is then left as it was). On Succeeded the job succeeds only if the final adapter
@@ -357,7 +386,7 @@ def observe_training(
     before = status.restarts
     folded = fold_events(status, events, now=now) if events is not None else status
     folded = folded.model_copy(
-        update={"conditions": mirror_conditions(folded.conditions, pytorchjob_status, now=now)}
+        update={"conditions": mirror_conditions(folded.conditions, observed.conditions, now=now)}
     )
     target = observed.phase
     if target is JobPhase.SUCCEEDED:
@@ -380,8 +409,39 @@ def observe_training(
     if target in (JobPhase.PAUSED, JobPhase.QUEUED, *TERMINAL_PHASES):
         folded = folded.model_copy(update={"estimated_finish": None})
     result, transitions = advance(folded, target, now=now)
-    notices = restart_notices(before, result, events or [])
+    result, waiting = queue_wait(status, result, observed, now=now)
+    notices = [*restart_notices(before, result, events or []), *waiting]
     return Outcome(result, tuple(transitions), tuple(notices))
+
+
+def queue_wait(
+    before: FineTuneJobStatus, status: FineTuneJobStatus, observed: Observed, *, now: datetime
+) -> tuple[FineTuneJobStatus, list[Notice]]:
+    """A queued job's Queued condition says why it waits (as its scheduler says), and a
+    notice — an event of the job too — tells each new reason once.
+    """
+    waiting = observed.waiting
+    if waiting is None or status.phase is not JobPhase.QUEUED:
+        return status, []
+    previous = condition(before.conditions, ConditionType.QUEUED)
+    conditions = set_condition(
+        status.conditions,
+        ConditionType.QUEUED,
+        ConditionStatus.TRUE,
+        reason=waiting.reason,
+        message=waiting.message,
+        now=now,
+    )
+    status = status.model_copy(update={"conditions": conditions})
+    repeated = (
+        before.phase is JobPhase.QUEUED
+        and previous is not None
+        and previous.reason == waiting.reason
+    )
+    if repeated:
+        return status, []
+    notice = Notice(waiting.reason, waiting.message, warning=waiting.warning, job_event=True)
+    return status, [notice]
 
 
 def fail(status: FineTuneJobStatus, error: JobError, *, now: datetime) -> Outcome:
@@ -391,7 +451,7 @@ def fail(status: FineTuneJobStatus, error: JobError, *, now: datetime) -> Outcom
             "error": error,
             "conditions": set_condition(
                 status.conditions,
-                FAILED,
+                ConditionType.FAILED,
                 ConditionStatus.TRUE,
                 reason="".join(part.title() for part in error.code.split("_")),
                 message=error.message,
@@ -404,12 +464,12 @@ def fail(status: FineTuneJobStatus, error: JobError, *, now: datetime) -> Outcom
 
 
 def cancel(status: FineTuneJobStatus, *, now: datetime) -> Outcome:
-    """The job was cancelled (its PyTorchJob is being deleted)."""
+    """The job was cancelled (its workload is being stopped)."""
     cancelled = status.model_copy(
         update={
             "conditions": set_condition(
                 status.conditions,
-                CANCELLED,
+                ConditionType.CANCELLED,
                 ConditionStatus.TRUE,
                 reason="CancelRequested",
                 message="spec.cancel is true",
@@ -455,7 +515,7 @@ def validated(status: FineTuneJobStatus, config: TrainerConfig, *, now: datetime
             ),
             "conditions": set_condition(
                 status.conditions,
-                FILES_VALIDATED,
+                ConditionType.FILES_VALIDATED,
                 ConditionStatus.TRUE,
                 reason="Valid",
                 message=f"{config.n_train_examples} training examples",

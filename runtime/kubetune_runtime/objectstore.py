@@ -29,6 +29,7 @@ import abc
 import base64
 import builtins
 import contextlib
+import fcntl
 import hashlib
 import io
 import itertools
@@ -582,9 +583,12 @@ class LocalObjectStore(ObjectStore):
     Differences from S3 that the contract cannot hide: a folder cannot hold both an object
     ``a`` and an object ``a/b`` (that raises :class:`InvalidKey`), keys that differ only in case
     collide on case-insensitive filesystems, and ``list`` sorts the matching keys in memory.
-    The sidecar is written just before the data file is swapped in, so a reader racing an
-    overwrite of the same key may briefly pair the new metadata with the old bytes (and then
-    report a checksum mismatch); kubetune never rewrites a key concurrently.
+    A write publishes its sidecar and its data file under an exclusive ``flock`` and a reader
+    opens the data file and reads the sidecar under a shared one, so a reader racing an
+    overwrite always pairs bytes and checksum of the same version (across threads and processes
+    alike: ``flock`` locks belong to the open file, not to the process). The locks are striped
+    over 256 files named by the key's hash, held only for those few system calls, never while
+    bytes stream.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
@@ -594,8 +598,9 @@ class LocalObjectStore(ObjectStore):
         internal = self.root / RESERVED_SEGMENT
         self._tmp = internal / "tmp"
         self._meta = internal / "meta"
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._meta.mkdir(parents=True, exist_ok=True)
+        self._locks = internal / "locks"
+        for folder in (self._tmp, self._meta, self._locks):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({str(self.root)!r})"
@@ -614,6 +619,17 @@ class LocalObjectStore(ObjectStore):
     def _meta_path(self, key: str) -> Path:
         name = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self._meta / name[:2] / f"{name}.json"
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str, *, exclusive: bool) -> Iterator[None]:
+        """Hold the key's stripe lock: exclusive to publish a version, shared to open one."""
+        stripe = hashlib.sha256(key.encode("utf-8")).hexdigest()[:2]
+        fd = os.open(self._locks / stripe, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def _read_meta(self, key: str) -> dict[str, Any]:
         try:
@@ -705,9 +721,10 @@ class LocalObjectStore(ObjectStore):
                 "content_type": ctype,
                 "metadata": {**user, SHA256_METADATA_KEY: digest.hexdigest()},
             }
-            self._write_atomically(meta_path, json.dumps(sidecar, sort_keys=True).encode())
-            meta_written = True
-            self._replace_into(tmp, path, key=key)
+            with self._key_lock(key, exclusive=True):
+                self._write_atomically(meta_path, json.dumps(sidecar, sort_keys=True).encode())
+                meta_written = True
+                self._replace_into(tmp, path, key=key)
         except BaseException:
             tmp.unlink(missing_ok=True)
             if meta_written:
@@ -740,21 +757,25 @@ class LocalObjectStore(ObjectStore):
     def open_stream(self, key: str, *, verify: bool = True) -> ObjectReader:
         """Open the object's file; a missing key raises :class:`ObjectNotFound` here."""
         path = self.path_for(key)
-        try:
-            file = path.open("rb")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise ObjectNotFound(key) from exc
-        st = os.fstat(file.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            file.close()
-            raise ObjectNotFound(key)
+        with self._key_lock(key, exclusive=False):
+            try:
+                file = path.open("rb")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+                raise ObjectNotFound(key) from exc
+            st = os.fstat(file.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                file.close()
+                raise ObjectNotFound(key)
+            info = self._info(key, st, with_meta=True)
         chunks = iter(lambda: file.read(READ_SIZE), b"")
-        return ObjectReader(self._info(key, st, with_meta=True), chunks, file.close, verify=verify)
+        return ObjectReader(info, chunks, file.close, verify=verify)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Stat the file and read its sidecar."""
-        st = self._stat(self.path_for(key))
-        return None if st is None else self._info(key, st, with_meta=True)
+        path = self.path_for(key)
+        with self._key_lock(key, exclusive=False):
+            st = self._stat(path)
+            return None if st is None else self._info(key, st, with_meta=True)
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Walk the folder that holds ``prefix`` and yield matching files in key order."""
@@ -795,11 +816,12 @@ class LocalObjectStore(ObjectStore):
     def delete(self, key: str) -> None:
         """Remove the file, then its sidecar, then folders left empty."""
         path = self.path_for(key)
-        if path.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
         meta_path = self._meta_path(key)
-        meta_path.unlink(missing_ok=True)
+        with self._key_lock(key, exclusive=True):  # a racing put keeps its file and sidecar
+            if path.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            meta_path.unlink(missing_ok=True)
         self._prune(path.parent, self.root)
         self._prune(meta_path.parent, self._meta)
 
@@ -862,6 +884,7 @@ class S3ObjectStore(ObjectStore):
         part_size: int = DEFAULT_PART_SIZE,
         copy_part_size: int = MAX_SINGLE_COPY,
         page_size: int = 1000,
+        timeouts: S3Timeouts | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} (S3's minimum)")
@@ -872,11 +895,16 @@ class S3ObjectStore(ObjectStore):
             from botocore.config import Config
 
             # A session of its own: boto3's default session is not safe to share across threads.
+            timeouts = timeouts or S3Timeouts()
             client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=endpoint_url,
                 region_name=region,
-                config=Config(retries={"mode": "standard"}),
+                config=Config(
+                    connect_timeout=timeouts.connect_seconds,
+                    read_timeout=timeouts.read_seconds,
+                    retries={"mode": "standard", "total_max_attempts": timeouts.max_attempts},
+                ),
             )
         self.bucket = bucket
         self._client: S3Client = client
@@ -1196,6 +1224,32 @@ def _is_not_found(exc: Exception) -> bool:
 
 
 # Factory -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class S3Timeouts:
+    """How long one S3 request may take: the connection, each read, and the tries (the SDK's
+    defaults, 60 s reads and up to 5 tries, let an outage hold a caller for minutes).
+    """
+
+    connect_seconds: float = 3.0
+    read_seconds: float = 20.0
+    max_attempts: int = 3
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the object store cannot be reached or is overloaded right now
+    (connection refused or timed out, a 5xx, throttling): worth a retry later, not a 500.
+    """
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - the local backend without boto3
+        return False
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or error.get("Code") in {"SlowDown", "Throttling", "RequestTimeout"}
+    return isinstance(exc, BotoCoreError)
+
+
 def open_object_store(settings: ObjectStoreSettings, *, root: Path | None = None) -> ObjectStore:
     """The store ``settings`` describe.
 
@@ -1209,6 +1263,11 @@ def open_object_store(settings: ObjectStoreSettings, *, root: Path | None = None
             endpoint_url=settings.endpoint_url,
             region=settings.region,
             internal_prefix=settings.prefix,
+            timeouts=S3Timeouts(
+                settings.connect_timeout_seconds,
+                settings.read_timeout_seconds,
+                settings.max_attempts,
+            ),
         )
     folder = settings.local_root or root
     if folder is None:

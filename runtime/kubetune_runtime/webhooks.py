@@ -32,10 +32,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, Field, SecretStr, ValidationError
@@ -48,10 +49,10 @@ from kubetune.ids import (
     webhook_event_id,
     webhook_message_id,
 )
-from kubetune.objectstore import ObjectNotFound, ObjectStore
 from kubetune.settings import Settings, StaticWebhookEndpoint, WebhookSettings
 from kubetune.storage_layout import StorageLayout
 from kubetune.version import __version__
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,47 @@ def check_target(url: str, opts: WebhookSettings, *, resolve: bool = True) -> st
     return url
 
 
+@dataclass(frozen=True)
+class PinnedTarget:
+    """Where a POST goes: the URL with the checked address in place of the host name, and the
+    name for the Host header and TLS (SNI and certificate check), so the connection is made
+    to the address that was checked — a DNS answer that changes in between (rebinding) does
+    not move it.
+    """
+
+    url: str
+    host_header: str
+    tls_name: str | None  # https: the name the certificate must carry
+
+
+def pin_target(url: str, opts: WebhookSettings) -> PinnedTarget:
+    """Check ``url`` (see :func:`check_target`) and resolve its host once, to an address that
+    passes the check; raise :class:`InvalidWebhookTarget` otherwise.
+    """
+    check_target(url, opts, resolve=False)
+    parts = urlsplit(url)
+    host = parts.hostname
+    assert host is not None  # check_target refuses a URL without one
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    try:
+        ipaddress.ip_address(host)
+        return PinnedTarget(url, host_header, None)  # a literal address: nothing to resolve
+    except ValueError:
+        pass
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = _resolve(host, port)
+    if not opts.allow_private_targets and any(_blocked(a) for a in addresses):
+        raise InvalidWebhookTarget("the URL points at a loopback, private or link-local address")
+    if not addresses:
+        raise InvalidWebhookTarget(f"cannot resolve {host!r}")
+    address = addresses[0].split("%", 1)[0]
+    netloc = f"[{address}]" if ":" in address else address
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return PinnedTarget(pinned, host_header, host if parts.scheme == "https" else None)
+
+
 # Endpoint registry -------------------------------------------------------------------------
 def static_endpoints(opts: WebhookSettings, org: str | None = None) -> list[WebhookEndpoint]:
     """The endpoints from settings (of ``org``, or all)."""
@@ -309,16 +351,20 @@ def enqueue_job_event(
     created_at: int | None = None,
     static: Iterable[WebhookEndpoint] = (),
     now: float | None = None,
+    max_age_seconds: float | None = None,
 ) -> list[str]:
     """Queue ``event_type`` of ``job_id`` for every endpoint of ``org`` that wants it.
 
     ``created_at`` is when the job finished (pass the status's time, so a replay writes the
-    same payload); ``static`` the endpoints from settings (:func:`static_endpoints`).
-    Idempotent: returns the message ids written now, empty when a previous call already
-    queued (or delivered) them.
+    same payload); ``static`` the endpoints from settings (:func:`static_endpoints`); an event
+    older than ``max_age_seconds`` (the delivered markers' retention) is not queued: its
+    marker may be pruned already. Idempotent: returns the message ids written now, empty when
+    a previous call already queued (or delivered) them.
     """
     when = time.time() if now is None else now
     event = job_event(org, job_id, event_type, int(when) if created_at is None else created_at)
+    if max_age_seconds is not None and when - event.created_at > max_age_seconds:
+        return []
     targets = [*list_endpoints(store, layout, org), *(e for e in static if e.org == org)]
     written = []
     for endpoint in targets:
@@ -359,6 +405,7 @@ def announce_job_end(
         # The job's own end time, so a replay writes the same payload.
         created_at=int(status.finished_at.timestamp()) if status.finished_at else None,
         static=static_endpoints(opts, org),
+        max_age_seconds=opts.delivered_retention_hours * 3600,
     )
 
 
@@ -404,6 +451,9 @@ def sign(secret: str, message_id: str, timestamp: datetime, body: bytes) -> dict
     }
 
 
+PRUNE_SECONDS: Final = 3600.0
+
+
 class WebhookSender:
     """Delivers due outbox entries. Thread-safe; meant to run once per store.
 
@@ -441,13 +491,33 @@ class WebhookSender:
         self._client.close()
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set, reading the outbox every ``poll_seconds``."""
+        """Deliver until ``stop`` is set, reading the outbox every ``poll_seconds`` and pruning
+        old delivery markers every ``PRUNE_SECONDS``.
+        """
+        pruned_at = 0.0
         while not stop.is_set():
             try:
                 self.run_once()
+                if self._clock() - pruned_at >= PRUNE_SECONDS:
+                    pruned_at = self._clock()
+                    self.prune_delivered()
             except Exception:  # a store outage must not end the loop
                 log.exception("webhook sender pass failed")
             stop.wait(self.opts.poll_seconds)
+
+    def prune_delivered(self) -> int:
+        """Delete the delivery markers older than their retention; returns how many."""
+        cutoff = self._clock() - self.opts.delivered_retention_hours * 3600
+        old = [
+            info.key
+            for info in self.store.list(self.layout.webhook_delivered_prefix())
+            if info.last_modified.timestamp() < cutoff
+        ]
+        for key in old:
+            self.store.delete(key)
+        if old:
+            log.info("webhooks: pruned %d delivery markers older than their retention", len(old))
+        return len(old)
 
     def run_once(self) -> int:
         """Make one attempt at every due delivery; returns how many were delivered."""
@@ -535,17 +605,21 @@ class WebhookSender:
             self._give_up(entry, "the endpoint was deleted")
             return False
         try:
-            check_target(endpoint.url, self.opts)
+            target = pin_target(endpoint.url, self.opts)
         except InvalidWebhookTarget as exc:
             return self._failed(entry, str(exc))
-        return self._post(entry, endpoint)
+        return self._post(entry, endpoint, target)
 
-    def _post(self, entry: OutboxEntry, endpoint: WebhookEndpoint) -> bool:
+    def _post(self, entry: OutboxEntry, endpoint: WebhookEndpoint, target: PinnedTarget) -> bool:
         body = entry.event.body()
         now = datetime.fromtimestamp(self._clock(), UTC)
         headers = sign(endpoint.secret.get_secret_value(), entry.message_id, now, body)
+        headers["host"] = target.host_header
+        extensions = {"sni_hostname": target.tls_name} if target.tls_name else {}
         try:
-            response = self._client.post(endpoint.url, content=body, headers=headers)
+            response = self._client.post(
+                target.url, content=body, headers=headers, extensions=extensions
+            )
         except httpx.HTTPError as exc:
             return self._failed(entry, f"{type(exc).__name__}: {exc}")
         if response.is_success:

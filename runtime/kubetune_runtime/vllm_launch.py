@@ -44,6 +44,7 @@ class VllmLaunch:
     dtype: str = "float32"
     kv_cache_bytes: str = "64M"
     max_num_seqs: int = 1
+    api_key: str | None = None  # vLLM's API key (VLLM_API_KEY): guards /v1, not /health
 
     def __post_init__(self) -> None:
         if self.max_lora_rank not in SUPPORTED_MAX_LORA_RANKS:
@@ -103,4 +104,7 @@ class VllmLaunch:
         # The caller's virtualenv must not leak into vLLM's (its own torch and transformers).
         env["PYTHONPATH"] = ""
         env.pop("VIRTUAL_ENV", None)
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # not in argv: ps would show it
         return env

@@ -48,8 +48,8 @@ from kubetune.finetunejob import (
     JobError,
     JobPhase,
 )
-from kubetune.objectstore import ObjectNotFound, ObjectStore
 from kubetune.storage_layout import StorageLayout
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ class ReplicaAdapters:
         max_lora_rank: int,
         *,
         timeout: float = 120.0,
+        api_key: str | None = None,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -304,7 +305,9 @@ class ReplicaAdapters:
         self.adapter_dir = Path(adapter_dir)
         self.vllm_model = vllm_model
         self.max_lora_rank = max_lora_rank
-        self._http = httpx.Client(base_url=self.vllm_url, timeout=timeout)
+        # vLLM's --api-key guards /v1 (models, load and unload of adapters).
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.vllm_url, timeout=timeout, headers=headers)
         self._lock = threading.RLock()
 
     def close(self) -> None:

@@ -14,20 +14,20 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from kubetune.datasets import (
+from kubetune.events import JobEvent, decode_chunk
+from kubetune.files import FileMeta, FilePurpose, FileStatus
+from kubetune.finetunejob import FineTuneJob, FineTuneJobSpec, JobError, MethodType
+from kubetune.settings import Settings
+from kubetune.storage_layout import StorageLayout
+from kubetune.trainer_config import ConfigError, TrainerConfig, build_trainer_config
+from kubetune_runtime.datasets import (
     DatasetFormat,
     format_for_method,
     format_mismatch_message,
     validate_jsonl,
 )
-from kubetune.events import JobEvent, decode_chunk
-from kubetune.files import FileMeta, FilePurpose, FileStatus
-from kubetune.finetunejob import FineTuneJob, FineTuneJobSpec, JobError, MethodType
-from kubetune.objectstore import ObjectNotFound, ObjectStore
-from kubetune.reconcile import user_error
-from kubetune.settings import Settings
-from kubetune.storage_layout import StorageLayout
-from kubetune.trainer_config import TrainerConfig, build_trainer_config
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
+from kubetune_runtime.reconcile import user_error
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def load_config_text(store: ObjectStore, key: str) -> str | None:
 class EventLogReader:
     """Reads a job's event log, fetching each chunk once (chunks are never rewritten).
 
-    ``kubetune.progress.fold_events`` wants the whole log on every pass; keeping the decoded
+    ``kubetune_runtime.progress.fold_events`` wants the whole log on every pass; keeping the decoded
     chunks of this job turns each poll into one listing plus the new chunks only.
     """
 
@@ -219,6 +219,8 @@ def resolve_trainer_config(
         config = build_trainer_config(
             job, settings, n_train_examples=training.n_examples, image=image
         )
+    except ConfigError as exc:
+        raise JobInputError(user_error(exc.code, str(exc), exc.param)) from None
     except ValueError as exc:
         raise JobInputError(user_error("invalid_model", str(exc), "model")) from None
     # Replicas of one job share no host in a cluster; on one machine they do (0: any free port).
