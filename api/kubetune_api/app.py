@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -19,9 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
-from kubetune.objectstore import open_object_store
 from kubetune.settings import Mode, Settings
 from kubetune.version import __version__
 from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key, write_private
@@ -29,12 +28,11 @@ from kubetune_api.backends.base import JobBackend
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_api.deps import Services
 from kubetune_api.errors import (
-    APIError,
-    PayloadTooLarge,
     ServiceUnavailable,
     install_error_handlers,
+    unexpected_error,
 )
-from kubetune_api.executor import build_executor
+from kubetune_api.guard import RequestGuard
 from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from kubetune_api.ratelimit import RateLimiter
 from kubetune_api.routers import files, fine_tuning, inference, models, uploads, webhooks
@@ -43,6 +41,7 @@ from kubetune_api.services.inference import InferenceService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
 from kubetune_api.services.uploads import UploadService
+from kubetune_runtime.objectstore import open_object_store
 
 log = logging.getLogger("kubetune.api")
 UPLOAD_PATHS = ("/v1/files", "/v1/uploads")
@@ -101,23 +100,20 @@ def build_services(settings: Settings) -> Services:
         uploads=UploadService(settings, store, file_service),
         limiter=RateLimiter(settings.api.requests_per_minute),
         inference=InferenceService(settings, job_service),
-        executor=build_executor(settings, backend, store),
     )
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Work that lives as long as the server: local mode's executor, the proxy's connections."""
+    """Work that lives as long as the server: the inference proxy's connections, the
+    backend's watch.
+    """
     services: Services = app.state.services
-    if services.executor is not None:
-        services.executor.start()
     try:
         yield
     finally:
-        if services.executor is not None:
-            # Blocking (trainers get time to commit a checkpoint): off the event loop.
-            await run_in_threadpool(services.executor.stop)
         await services.inference.aclose()
+        await asyncio.to_thread(services.backend.close)
 
 
 def _route_template(request: Request) -> str:
@@ -163,6 +159,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.state.services = services or build_services(settings)
     install_error_handlers(app)
+    # Inside request_context (added after it, so it wraps this one): refusals get its request
+    # id and metrics too.
+    app.add_middleware(
+        RequestGuard,
+        authenticate=app.state.services.keys.authenticate,
+        limit_for=lambda path: _body_limit(settings, path),
+    )
 
     @app.middleware("http")
     async def request_context(
@@ -170,22 +173,21 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     ) -> Response:
         request_id = "req_" + secrets.token_hex(16)
         start = time.perf_counter()
-        declared = request.headers.get("content-length")
-        limit = _body_limit(settings, request.url.path)
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            err = PayloadTooLarge(f"Request body of {declared} bytes exceeds {limit} bytes.")
-            response: Response = JSONResponse(err.body(), status_code=err.status_code)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:
-                # Answered here rather than by Starlette's outermost handler, so even a 500
-                # carries the request id that ties it to the server's log line.
+        try:
+            response: Response = await call_next(request)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler, so even a 500
+            # carries the request id that ties it to the server's log line.
+            failure = unexpected_error(exc)
+            if failure.status_code == 503:
+                log.warning("%s %s [%s]: %s", request.method, request.url.path, request_id, exc)
+            else:
                 log.exception(
                     "unhandled error in %s %s [%s]", request.method, request.url.path, request_id
                 )
-                failure = APIError("The server had an error while processing your request.")
-                response = JSONResponse(failure.body(), status_code=failure.status_code)
+            response = JSONResponse(
+                failure.body(), status_code=failure.status_code, headers=failure.headers
+            )
         response.headers["x-request-id"] = request_id
         for name, value in getattr(request.state, "rate_limit_headers", {}).items():
             response.headers.setdefault(name, value)

@@ -7,18 +7,17 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from kubetune.objectstore import ObjectStore
 from kubetune.settings import Settings
 from kubetune_api.auth import KeyStore, Principal
 from kubetune_api.backends.base import JobBackend
 from kubetune_api.errors import RateLimited
-from kubetune_api.executor import LocalExecutor
 from kubetune_api.ratelimit import RateLimiter
 from kubetune_api.services.files import FileService
 from kubetune_api.services.inference import InferenceService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
 from kubetune_api.services.uploads import UploadService
+from kubetune_runtime.objectstore import ObjectStore
 
 
 @dataclass
@@ -35,8 +34,6 @@ class Services:
     uploads: UploadService
     limiter: RateLimiter
     inference: InferenceService
-    # Local mode's job runner; None when jobs are run by the operator (or not run at all).
-    executor: LocalExecutor | None = None
 
 
 def get_services(request: Request) -> Services:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from kubetune_api.protocol import ErrorBody, ErrorResponse
+from kubetune_runtime.objectstore import store_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,20 @@ class RateLimited(APIError):
     default_code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(APIError):
+    """429: the org's share of the cluster is used up (OpenAI's ``insufficient_quota`` type);
+    retrying at once will not help, so the SDK is told not to.
+    """
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
 class ServiceUnavailable(APIError):
     """503: a dependency (apiserver, object store) is unreachable; retrying may help."""
 
@@ -177,8 +194,37 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequest:
     return InvalidRequest("Invalid request: " + "; ".join(messages) + more, param=param)
 
 
+STORE_RETRY_AFTER_SECONDS: Final = 5
+
+
+def unexpected_error(exc: BaseException) -> APIError:
+    """The error an exception no handler knew becomes: a 503 with ``Retry-After`` when the
+    object store is unreachable or overloaded (a brownout passes), else a 500.
+    """
+    if store_unavailable(exc):
+        return ServiceUnavailable(
+            "The object store is unavailable; retry in a few seconds.",
+            headers={"retry-after": str(STORE_RETRY_AFTER_SECONDS)},
+        )
+    return APIError("The server had an error while processing your request.")
+
+
 def _respond(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+HTTP_METHODS: Final = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of ``app`` serves on the request's path: each method is asked
+    of the router as a request of its own (routers included in the app match as a whole).
+    """
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.routes)
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -192,7 +238,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return _respond(validation_error(exc.errors()))
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         mapped: dict[int, type[APIError]] = {
             401: AuthenticationFailed,
@@ -206,11 +252,15 @@ def install_error_handlers(app: FastAPI) -> None:
         err = cls(str(exc.detail))
         err.status_code = exc.status_code  # e.g. 405 keeps its own status
         err.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path; a path served by
+            # several routes (GET and POST /v1/files) allows all of theirs.
+            err.headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return _respond(err)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return _respond(APIError("The server had an error while processing your request."))
+        return _respond(unexpected_error(exc))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

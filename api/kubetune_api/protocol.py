@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from kubetune.finetunejob import SUFFIX_PATTERN, VLLM_LORA_RANKS
+from kubetune.finetunejob import SUFFIX_PATTERN, VLLM_LORA_RANKS, check_servable_targets
 
 T = TypeVar("T")
 
@@ -230,6 +230,11 @@ class AdapterRequest(Request):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
 
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_vllm_can_serve(cls, value: list[str]) -> list[str]:
+        return check_servable_targets(value)
+
     @field_validator("r")
     @classmethod
     def _rank_vllm_can_serve(cls, value: int) -> int:
@@ -245,6 +250,7 @@ class ResourcesRequest(Request):
     nodes: int = Field(default=1, ge=1, le=64)
     gpus_per_node: int = Field(default=1, ge=0, le=16)
     gpu_type: str | None = None
+    profile: str | None = Field(default=None, description="A hardware profile's name.")
 
 
 class CreateFineTuningJobRequest(Request):

@@ -11,14 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-LOCAL_MODULE = "kubetune_api.local_mode"
+LOCAL_MODULE = "kubetune_local"
 API_MODULE = "kubetune_api"
 
 
 def local_command(
     *, data_dir: Path | None, host: str | None, port: int | None, no_vllm: bool
 ) -> list[str]:
-    """The command line of local mode: ``python -m kubetune_api.local_mode [options]``."""
+    """The command line of local mode: ``python -m kubetune_local [options]``."""
     argv = [sys.executable, "-m", LOCAL_MODULE]
     if data_dir is not None:
         argv += ["--data-dir", str(data_dir)]

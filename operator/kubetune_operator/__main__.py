@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import kopf
 
-from kubetune.objectstore import open_object_store
 from kubetune.settings import Settings
-from kubetune_operator.controller import OperatorContext
+from kubetune_operator.context import OperatorContext
 from kubetune_operator.handlers import register
 from kubetune_operator.kube import KubeClient
+from kubetune_runtime.objectstore import open_object_store
 
 log = logging.getLogger("kubetune_operator")
 

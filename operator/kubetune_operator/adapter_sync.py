@@ -2,14 +2,19 @@
 
 It shares the adapter folder with vLLM and is the only thing that writes it: the operator tells
 it which adapters its replica should serve, and it fetches them from the object store and
-registers them with its vLLM (:class:`kubetune.serving.ReplicaAdapters`). It keeps no state of
-its own: the operator pushes the whole desired set when the replica becomes ready and whenever
-the set changes, so a restarted sidecar or vLLM catches up on the next push.
+registers them with its vLLM (:class:`kubetune_runtime.adapters.ReplicaAdapters`). It keeps no
+state of its own: the operator pushes the whole desired set when the replica becomes ready and
+whenever the set changes, so a restarted sidecar or vLLM catches up on the next push.
 
 HTTP API (JSON), on ``KUBETUNE_SERVING__ADAPTER_SYNC_HOST:…PORT`` (the chart's NetworkPolicy
 lets only the operator in):
 
-- ``GET /healthz``: ``ok``.
+- ``GET /healthz``: ``ok`` (liveness).
+- ``GET /readyz``: ``ok`` once the operator's first ``PUT /adapters`` was applied, 503 before
+  (readiness: the pod takes traffic only once it holds its adapters).
+
+On ``KUBETUNE_SERVING__METRICS_PORT`` (if set) it serves one more thing, alone: vLLM's
+``GET /metrics``, relayed, so Prometheus scrapes there and never reaches vLLM's port.
 - ``GET /adapters``: ``{base_model, loaded: [names], max_lora_rank, max_loras}``.
 - ``PUT /adapters`` ``{adapters: [{name, org, job_id, base_model}]}``: serve exactly these of
   kubetune's adapters; answers ``{results: {name: {state, changed, seconds, code, message}},
@@ -32,10 +37,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import httpx
 from aiohttp import web
 
-from kubetune.objectstore import open_object_store
-from kubetune.serving import (
+from kubetune.settings import ServingSettings, Settings
+from kubetune_runtime.adapters import (
     ADAPTER_NAME_PREFIX,
     AdapterRef,
     AdapterRejected,
@@ -43,7 +49,7 @@ from kubetune.serving import (
     ServingError,
     ServingUnavailable,
 )
-from kubetune.settings import ServingSettings, Settings
+from kubetune_runtime.objectstore import open_object_store
 
 log = logging.getLogger("kubetune_operator.adapter_sync")
 
@@ -81,6 +87,7 @@ class Sidecar:
 
     replica: ReplicaAdapters
     settings: ServingSettings
+    synced: bool = False  # the operator's first whole-set sync has been applied
 
     def _check_ref(self, ref: AdapterRef) -> AdapterRef:
         if not ref.name.startswith(ADAPTER_NAME_PREFIX):
@@ -114,7 +121,16 @@ class Sidecar:
             raise BadRequest(f"an adapter needs name, org, job_id, base_model: {exc}") from None
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """Liveness and readiness: the sidecar's own event loop answers."""
+        """Liveness: the sidecar's own event loop answers."""
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: the operator's first sync has been applied, so the replica holds every
+        adapter it should serve. Until then the pod is not Ready and its Service sends it no
+        traffic — a new replica never answers 404 for a fine-tuned model the others serve.
+        """
+        if not self.synced:
+            return web.Response(status=503, text="waiting for the operator's first sync\n")
         return web.Response(text="ok\n")
 
     async def list_adapters(self, request: web.Request) -> web.Response:
@@ -137,6 +153,7 @@ class Sidecar:
             raise BadRequest('the body is {"adapters": [...]}')
         refs = [self._ref(item) for item in items]
         results = await asyncio.to_thread(self.replica.sync, refs)
+        self.synced = True
         for name, result in results.items():
             if result.changed or result.message:
                 log.info("%s: %s %s", name, result.state.value, result.message or "")
@@ -169,12 +186,58 @@ def build_app(sidecar: Sidecar) -> web.Application:
     """The sidecar's aiohttp application."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", sidecar.healthz)
+    app.router.add_get("/readyz", sidecar.readyz)
     app.router.add_get("/adapters", sidecar.list_adapters)
     app.router.add_put("/adapters", sidecar.sync)
     # Model ids may hold "/" (a base model named after its Hugging Face repository).
     app.router.add_put("/adapters/{name:.+}", sidecar.load)
     app.router.add_delete("/adapters/{name:.+}", sidecar.unload)
     return app
+
+
+def build_metrics_app(vllm_url: str, timeout: float) -> web.Application:
+    """The app relaying vLLM's ``GET /metrics`` on a port of its own: Prometheus scrapes there and
+    never reaches vLLM's port, which runs inference and loads adapters.
+    """
+
+    async def metrics(request: web.Request) -> web.Response:
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                upstream = await client.get(f"{vllm_url.rstrip('/')}/metrics")
+        except httpx.HTTPError as exc:
+            return web.Response(status=503, text=f"vLLM did not answer: {exc}\n")
+        content_type = upstream.headers.get("content-type", "text/plain; version=0.0.4")
+        return web.Response(
+            body=upstream.content,
+            status=upstream.status_code,
+            headers={"Content-Type": content_type},
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def serve_metrics_beside(app: web.Application, serving: ServingSettings) -> None:
+    """Run the metrics relay on ``serving.metrics_port`` for as long as ``app`` runs."""
+    port = serving.metrics_port
+    if port is None:
+        return
+    key = web.AppKey("metrics_runner", web.AppRunner)
+
+    async def start(_: web.Application) -> None:
+        runner = web.AppRunner(
+            build_metrics_app(serving.vllm_url, serving.request_timeout_seconds), access_log=None
+        )
+        await runner.setup()
+        await web.TCPSite(runner, serving.adapter_sync_host, port).start()
+        app[key] = runner
+
+    async def stop(_: web.Application) -> None:
+        await app[key].cleanup()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
 
 
 def build_sidecar(settings: Settings) -> Sidecar:
@@ -189,6 +252,7 @@ def build_sidecar(settings: Settings) -> Sidecar:
         serving.vllm_model,
         serving.max_lora_rank,
         timeout=serving.request_timeout_seconds,
+        api_key=serving.vllm_api_key.get_secret_value() if serving.vllm_api_key else None,
     )
     return Sidecar(replica, serving)
 
@@ -210,9 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving.adapter_dir,
         serving.max_lora_rank,
     )
+    app = build_app(sidecar)
+    serve_metrics_beside(app, serving)
     try:
         web.run_app(
-            build_app(sidecar),
+            app,
             host=serving.adapter_sync_host,
             port=serving.adapter_sync_port,
             access_log=None,

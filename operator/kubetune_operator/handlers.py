@@ -1,13 +1,17 @@
-"""The kopf handlers: thin, each delegating to a pure function or to one reconcile pass.
+"""The kopf handlers: thin, each delegating to the job driver or to a pure function.
 
-- An index of PyTorchJobs by owning FineTuneJob (kopf keeps it current from its watch), so a
-  pass reads its PyTorchJob's status from memory, and an index of FineTuneJobs by phase for the
-  metrics.
-- One daemon per active FineTuneJob runs the reconcile loop: a pass whenever the job or its
-  PyTorchJob changes, and at least every ``reconcile_seconds``. kopf never runs two daemons of
+- An index of workloads (TrainJobs or PyTorchJobs) by owning FineTuneJob (kopf keeps it current
+  from its watch), so a pass reads its workload's status from memory, and an index of
+  FineTuneJobs by phase for the metrics.
+- One daemon per active FineTuneJob runs the job driver's passes: whenever the job or its
+  workload changes, and at least every ``reconcile_seconds``. kopf never runs two daemons of
   one object at once, so each job has exactly one writer of its status in this process; the
   status precondition (resourceVersion) protects against another process.
-- A deletion handler (kopf's finalizer) deletes the children explicitly.
+- With Kueue, an index of Kueue's Workloads by the workload they admit: a pass reads whether
+  its job is admitted, and why not, from memory too.
+- A deletion handler (kopf's finalizer) deletes the children explicitly; a job whose passes
+  keep failing fails after ``max_reconcile_failures`` of them in a row.
+- The webhook sender and the serving handlers (:mod:`kubetune_operator.serving_handlers`).
 """
 
 from __future__ import annotations
@@ -15,34 +19,28 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
 
-from kubetune.finetunejob import GROUP, KIND, PLURAL, VERSION, JobPhase
+from kubetune.finetunejob import GROUP, KIND, PLURAL, VERSION, ConditionType, FineTuneJob, JobPhase
 from kubetune.lifecycle import is_terminal
-from kubetune.reconcile import QUEUED, Transition, parse_time
-from kubetune.webhooks import WebhookSender
-from kubetune_operator import manifests
-from kubetune_operator.controller import (
-    JobReconciler,
-    OperatorContext,
-    PyTorchJobView,
-    sweep_finished,
-)
-from kubetune_operator.kube import PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
+from kubetune_operator.context import OperatorContext
+from kubetune_operator.kueue import KUEUE_WORKLOAD, Admission, admission, owner_name
+from kubetune_operator.loops import ChangePoller, Wait, failure_logger, on_active_peer
 from kubetune_operator.metrics import IndexedJob, serve
 from kubetune_operator.serving_handlers import register_serving
+from kubetune_operator.workloads import WorkloadView
+from kubetune_runtime.driver import JobState
+from kubetune_runtime.reconcile import parse_time
+from kubetune_runtime.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
 FINALIZER: Final = "kubetune.io/operator"
 ANNOTATION_PREFIX: Final = "operator.kubetune.io"
-POLL_SECONDS: Final = 0.25  # how often a daemon looks for changes (in memory, no API call)
-MAX_BACKOFF_SECONDS: Final = 60.0
 
 
 def _phase(status: Any) -> JobPhase | None:
@@ -70,13 +68,23 @@ def indexed_job(name: str, status: Any) -> IndexedJob:
     """What the FineTuneJob index keeps for the metrics."""
     queued_since = None
     for cond in (status or {}).get("conditions") or []:
-        if cond.get("type") == QUEUED and cond.get("status") == "True":
+        if cond.get("type") == ConditionType.QUEUED and cond.get("status") == "True":
             queued_since = parse_time(cond.get("lastTransitionTime"))
     return IndexedJob(name=name, queued_since=queued_since)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     """Register every handler of the operator in ``registry`` (no global state)."""
+    _register_process(registry, ctx)
+    _register_indexes(registry, ctx)
+    _register_jobs(registry, ctx)
+    if ctx.settings.webhooks.enabled:
+        register_webhook_sender(registry, ctx)
+    register_serving(registry, ctx)
+
+
+def _register_process(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """Login, kopf's settings, and the metrics endpoint."""
     opts = ctx.settings.operator
 
     @kopf.on.login(id="login", registry=registry)
@@ -85,11 +93,7 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(id="configure", registry=registry)
-    async def configure(
-        settings: kopf.OperatorSettings,
-        memo: Any,
-        **kwargs: Any,
-    ) -> None:
+    async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
         """Configure kopf and start the metrics endpoint."""
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
@@ -100,11 +104,8 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         )
         # Our own Events say what happened; kopf's per-handler "succeeded" notes would bury them.
         settings.posting.level = logging.WARNING
-        # Daemons must stop promptly (operator shutdown, peering pauses): they poll every
-        # POLL_SECONDS and a pass takes seconds at most.
         settings.watching.server_timeout = 600
-
-        # kopf passes indexes as keyword arguments named after their functions.
+        # kopf passes indexes as keyword arguments named after their handlers' ids.
         phases: kopf.Index[str, IndexedJob] = kwargs["finetunejob_phases"]
 
         def snapshot() -> Iterable[tuple[str, IndexedJob]]:
@@ -120,21 +121,37 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         if runner is not None:
             await runner.cleanup()
 
+
+def _register_indexes(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """The in-memory indexes the job daemons and the metrics read."""
+    workload = ctx.runtime.workload
+    kind = workload.kind
+
     # Explicit ids: kopf passes an index to handlers under its id, and nested functions would
     # otherwise get "register.<locals>.…" ids.
-    @kopf.index(
-        PYTORCHJOB_GROUP,
-        PYTORCHJOB_VERSION,
-        PYTORCHJOB_PLURAL,
-        id="pytorchjob_by_job",
-        registry=registry,
-    )
-    def pytorchjob_by_job(
+    @kopf.index(kind.group, kind.version, kind.plural, id="workload_by_job", registry=registry)
+    def workload_by_job(
         namespace: str | None, body: kopf.Body, **_: Any
-    ) -> dict[tuple[str | None, str], PyTorchJobView] | None:
-        """PyTorchJobs by the FineTuneJob that controls them."""
+    ) -> dict[tuple[str | None, str], WorkloadView] | None:
+        """The workloads (TrainJobs or PyTorchJobs) by the FineTuneJob that controls them."""
         key = owner_key(namespace, body)
-        return {key: PyTorchJobView.from_body(body)} if key else None
+        return {key: workload.view(body)} if key else None
+
+    if ctx.runtime.kueue:
+
+        @kopf.index(
+            KUEUE_WORKLOAD.group,
+            KUEUE_WORKLOAD.version,
+            KUEUE_WORKLOAD.plural,
+            id="admission_by_workload",
+            registry=registry,
+        )
+        def admission_by_workload(
+            namespace: str | None, body: kopf.Body, **_: Any
+        ) -> dict[tuple[str | None, str], Admission] | None:
+            """Kueue's Workloads by the TrainJob or PyTorchJob they admit."""
+            owner = owner_name(body, kind)
+            return {(namespace, owner): admission(body)} if owner else None
 
     @kopf.index(GROUP, VERSION, PLURAL, id="finetunejob_phases", registry=registry)
     def finetunejob_phases(
@@ -143,6 +160,11 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         """FineTuneJobs by phase (the metrics' job gauge)."""
         phase = _phase(status)
         return {phase.value: indexed_job(name, status)} if phase else None
+
+
+def _register_jobs(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """The per-job daemon that runs the driver, and the finalizer that deletes children."""
+    opts = ctx.settings.operator
 
     @kopf.daemon(
         GROUP,
@@ -165,135 +187,94 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         logger: kopf.Logger,
         **kwargs: Any,
     ) -> None:
-        """The reconcile loop of one job, until it reaches a terminal phase."""
-        by_job: kopf.Index[tuple[str | None, str], PyTorchJobView] = kwargs["pytorchjob_by_job"]
-        namespace = namespace or ctx.settings.kubernetes.namespace  # FineTuneJobs are namespaced
-        reconciler = JobReconciler(ctx, namespace, name)
-        loop = asyncio.get_running_loop()
+        """The driver's passes over one job, until it reaches a terminal phase."""
+        by_job: kopf.Index[tuple[str | None, str], WorkloadView] = kwargs["workload_by_job"]
+        admissions: kopf.Index[tuple[str | None, str], Admission] | None = kwargs.get(
+            "admission_by_workload"
+        )
+        state = JobState()
 
-        def post(transition: Transition) -> None:
-            # Called from the pass's thread: kopf queues the Event thread-safely.
-            kopf.event(
-                body,
-                type="Warning" if transition.warning else "Normal",
-                reason=transition.reason,
-                message=transition.message,
+        def workload() -> WorkloadView | None:
+            view = next(iter(by_job.get((namespace, name), [])), None)
+            if view is None or admissions is None:
+                return view
+            admitted = next(iter(admissions.get((namespace, view.name), [])), None)
+            return ctx.runtime.with_admission(view, admitted)
+
+        def key() -> tuple[Any, ...]:
+            view = workload()
+            admitted = view and view.admission
+            return (
+                body.get("metadata", {}).get("resourceVersion"),
+                view and view.resource_version,
+                admitted and admitted.resource_version,
             )
 
-        seen: tuple[Any, ...] | None = None
-        due = 0.0  # next periodic pass
-        not_before = 0.0  # retry delay after a failed pass
-        failures = 0
-        while not stopped:
-            views: Iterable[PyTorchJobView] = by_job.get((namespace, name), [])
-            view = next(iter(views), None)
-            key = (body.get("metadata", {}).get("resourceVersion"), view and view.resource_version)
-            now = loop.time()
-            if now >= not_before and (key != seen or now >= due):
-                try:
-                    result = await asyncio.to_thread(
-                        reconciler.run_pass, copy.deepcopy(dict(body)), view, post
-                    )
-                except kopf.TemporaryError as exc:
-                    ctx.metrics.reconcile_errors.labels("supervise").inc()
-                    logger.warning(f"Reconcile will be retried: {exc}")
-                    not_before = now + (exc.delay or opts.reconcile_seconds)
-                except Exception:
-                    ctx.metrics.reconcile_errors.labels("supervise").inc()
-                    failures += 1
-                    logger.exception("Reconcile failed; retrying with backoff")
-                    not_before = now + min(MAX_BACKOFF_SECONDS, 2.0**failures)
-                else:
-                    failures = 0
-                    if result.terminal:
-                        return
-                    seen = key
-                    due = now + opts.reconcile_seconds
-            # A plain sleep, not ``stopped.wait()``: kopf's wait makes two tasks and a timer per
-            # call, which with hundreds of daemons polling was a third of a core at idle
-            # (benchmarks/operator_bench.py); the loop sees ``stopped`` within POLL_SECONDS.
-            await asyncio.sleep(POLL_SECONDS)
+        def job() -> FineTuneJob:
+            return FineTuneJob.from_manifest(copy.deepcopy(dict(body)))
 
-    if ctx.settings.webhooks.enabled:
-        register_webhook_sender(registry, ctx)
-    register_serving(registry, ctx)
+        async def one_pass() -> bool:
+            result = await asyncio.to_thread(ctx.driver.run_pass, state, job(), workload())
+            return result.terminal
+
+        async def give_up(failures: int, exc: Exception) -> bool:
+            result = await asyncio.to_thread(ctx.driver.give_up, job(), failures, exc)
+            return result.terminal
+
+        poller = ChangePoller(
+            opts.reconcile_seconds,
+            failure_logger(ctx.metrics.reconcile_errors, "supervise", logger),
+            max_failures=opts.max_reconcile_failures,
+            give_up=give_up,
+        )
+        await poller.run(key, one_pass, lambda: bool(stopped))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="delete_children", registry=registry)
-    def delete_children(name: str, namespace: str | None, **_: Any) -> None:
-        """Delete the PyTorchJob and ConfigMap of a deleted job.
+    def delete_children(body: kopf.Body, **_: Any) -> None:
+        """Delete the workload and ConfigMap of a deleted job.
 
         Its store data is kept: the adapter may be served, and the API decides about files.
         """
         try:
-            ctx.kube.delete_children(
-                namespace or ctx.settings.kubernetes.namespace,
-                manifests.pytorchjob_name_of(name),
-                manifests.configmap_name_of(name),
-            )
+            ctx.runtime.stop(FineTuneJob.from_manifest(dict(body)))
         except kopf.TemporaryError:
             ctx.metrics.reconcile_errors.labels("delete").inc()
             raise
 
 
 def register_webhook_sender(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
-    """Run one webhook sender where this operator acts, and nowhere else.
+    """Deliver webhooks where this operator acts, and nowhere else.
 
-    Standalone, the operator is the only replica: the sender is a thread from startup to
-    cleanup. With peering, it runs inside a kopf daemon on the KopfPeering object itself: kopf
-    stops every daemon of a replica that peering pauses and respawns them when it resumes, so
-    the sender runs exactly on the replica whose handlers run (a plain asyncio task or thread
-    would keep sending on a paused replica). kopf adds its finalizer to that object, as to any
-    object with a daemon. One sender object lives across pauses, so what it remembers as
-    delivered survives them.
+    One sender object lives across peering pauses, so what it remembers as delivered survives
+    them. Each start first sweeps the jobs that finished recently, for an event a process that
+    died between the status write and the queueing never queued.
     """
     sender = WebhookSender(ctx.store, ctx.settings)
-    peering = ctx.settings.operator.peering
-    stop = threading.Event()
+    namespace = ctx.settings.kubernetes.namespace
 
     def sweep() -> None:
         try:
-            queued = sweep_finished(ctx, ctx.settings.kubernetes.namespace, now=datetime.now(UTC))
+            jobs = [FineTuneJob.from_manifest(raw) for raw in ctx.kube.list_jobs(namespace)]
+            queued = ctx.driver.sweep_finished(jobs, now=datetime.now(UTC))
         except Exception:  # the sender still runs; only a crash-window event may be missing
             log.exception("webhook sweep of finished jobs failed")
         else:
             if queued:
                 log.info("webhook sweep queued %d delivery(ies) of finished jobs", queued)
 
-    def sweep_then_send() -> None:
-        sweep()
-        sender.run_forever(stop)
-
-    @kopf.on.startup(id="webhook_sender", registry=registry)
-    def start_sender(settings: kopf.OperatorSettings, **_: Any) -> None:
-        """Start the thread when standalone; with peering, the daemon below sends."""
-        if settings.peering.standalone:
-            threading.Thread(target=sweep_then_send, name="webhook-sender", daemon=True).start()
-        elif settings.peering.name != peering:
-            log.error("webhooks are not sent: set KUBETUNE_OPERATOR__PEERING for peering")
-
-    @kopf.on.cleanup(id="webhook_sender_stop", registry=registry)
-    def stop_sender(**_: Any) -> None:
-        """Stop the thread (a POST in flight finishes within the timeout)."""
-        stop.set()
-
-    if peering is None:
-        return
-
-    @kopf.daemon(
-        "kopf.dev",
-        "v1",
-        "kopfpeerings",
-        id="webhook_sender",
-        registry=registry,
-        when=lambda name, **_: name == peering,
-        cancellation_timeout=ctx.settings.webhooks.timeout_seconds + 5,
-    )
-    async def send_webhooks(stopped: kopf.DaemonStopped, **_: Any) -> None:
-        """Deliver due webhooks until kopf stops this daemon (pause, shutdown)."""
+    async def send(stopped: Any, wait: Wait, _: dict[str, Any]) -> None:
         await asyncio.to_thread(sweep)
-        while not stopped:
+        while not stopped():
             try:
                 await asyncio.to_thread(sender.run_once)
-            except Exception:  # a store outage must not end the daemon
+            except Exception:  # a store outage must not end the sender
                 log.exception("webhook sender pass failed")
-            await stopped.wait(ctx.settings.webhooks.poll_seconds)
+            await wait(ctx.settings.webhooks.poll_seconds)
+
+    on_active_peer(
+        registry,
+        id="webhook_sender",
+        peering=ctx.settings.operator.peering,
+        loop=send,
+        stop_timeout=ctx.settings.webhooks.timeout_seconds + 5,
+    )

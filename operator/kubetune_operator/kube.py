@@ -17,17 +17,38 @@ from typing import Any, Final, cast
 
 import kopf
 
-from kubetune.finetunejob import GROUP, PLURAL, VERSION
-from kubetune_operator.manifests import PYTORCHJOB_API_VERSION
+from kubetune.finetunejob import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune_runtime.driver import StatusConflict
 
-PYTORCHJOB_GROUP, PYTORCHJOB_VERSION = PYTORCHJOB_API_VERSION.split("/")
-PYTORCHJOB_PLURAL: Final = "pytorchjobs"
 GC_WAIT_SECONDS: Final = 10.0
 API_RETRY_SECONDS: Final = 5.0
 
 
-class Conflict(Exception):
+class Conflict(StatusConflict):
     """The object changed since it was read (optimistic concurrency)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A custom resource kind the operator creates (a job's workload)."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        """``group/version``."""
+        return f"{self.group}/{self.version}"
+
+    def args(self, namespace: str) -> tuple[str, str, str, str]:
+        """The leading arguments of ``CustomObjectsApi``'s namespaced calls."""
+        return self.group, self.version, namespace, self.plural
+
+
+PYTORCHJOB: Final = Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+TRAINJOB: Final = Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 
 
 def _status_of(exc: Exception) -> int | None:
@@ -58,44 +79,14 @@ class KubeClient:
 
     # -- FineTuneJobs ------------------------------------------------------------------------
     def patch_job_status(
-        self,
-        namespace: str,
-        name: str,
-        resource_version: str | None,
-        status: dict[str, Any],
-        *,
-        based_on: dict[str, Any] | None = None,
+        self, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]
     ) -> dict[str, Any]:
         """Merge-patch a FineTuneJob's status, only if it is still at ``resource_version``.
 
         A merge patch that carries ``metadata.resourceVersion`` is a precondition: the apiserver
-        refuses it (409) when the object changed. A status computed from a stale view is thus
-        never written; the next pass recomputes it from the fresh one. With ``based_on`` (the
-        object the status was computed from), a conflict caused by metadata alone — kopf adding
-        its finalizer and annotations to a new job, the API annotating it — is retried once at
-        the fresh version: the spec and status it was computed from are unchanged, so the
-        status is still right, and a new job's first pass is not wasted.
+        refuses it (409, raised as :class:`Conflict`) when the object changed. A status computed
+        from a stale view is thus never written; the next pass recomputes it from the fresh one.
         """
-        try:
-            return self._patch_status(namespace, name, resource_version, status)
-        except Conflict:
-            if based_on is None:
-                raise
-            fresh = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
-            if not _same_spec_and_status(fresh, based_on):
-                raise
-            return self._patch_status(namespace, name, fresh["metadata"]["resourceVersion"], status)
-
-    def list_jobs(self, namespace: str) -> list[dict[str, Any]]:
-        """Every FineTuneJob in ``namespace`` (one LIST; for sweeps at startup)."""
-        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-        return list(result.get("items") or [])
-
-    def _patch_status(
-        self, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]
-    ) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         body: dict[str, Any] = {"status": status}
@@ -111,6 +102,18 @@ class KubeClient:
             _retry_on_server_errors(exc, f"patching the status of {name}")
             raise
         return result
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
+        """One FineTuneJob."""
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        return result
+
+    def list_jobs(self, namespace: str) -> list[dict[str, Any]]:
+        """Every FineTuneJob in ``namespace`` (one LIST; for sweeps at startup)."""
+        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return list(result.get("items") or [])
 
     # -- children ----------------------------------------------------------------------------
     def _ensure(
@@ -183,10 +186,11 @@ class KubeClient:
             ),
         )
 
-    def ensure_pytorchjob(self, manifest: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
-        """Create the PyTorchJob, or adopt the existing one."""
-        namespace = manifest["metadata"]["namespace"]
-        args = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL)
+    def ensure_workload(
+        self, kind: Kind, manifest: dict[str, Any], owner: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Create the job's workload (a PyTorchJob, a TrainJob), or adopt the existing one."""
+        args = kind.args(manifest["metadata"]["namespace"])
         return self._ensure(
             manifest,
             owner,
@@ -195,27 +199,22 @@ class KubeClient:
             patch=lambda name, body: self.custom.patch_namespaced_custom_object(*args, name, body),
         )
 
-    def set_pytorchjob_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        """Suspend (the training-operator deletes the pods) or resume a PyTorchJob."""
+    def patch_workload(
+        self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], what: str
+    ) -> None:
+        """Merge-patch a workload; one that is gone is recreated by the next pass."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.custom.patch_namespaced_custom_object(
-                PYTORCHJOB_GROUP,
-                PYTORCHJOB_VERSION,
-                namespace,
-                PYTORCHJOB_PLURAL,
-                name,
-                {"spec": {"runPolicy": {"suspend": suspend}}},
-            )
+            self.custom.patch_namespaced_custom_object(*kind.args(namespace), name, patch)
         except ApiException as exc:
             if exc.status == 404:
-                return  # recreated on the next pass, with the right suspend flag
-            _retry_on_server_errors(exc, f"suspending {name}")
+                return
+            _retry_on_server_errors(exc, f"{what} {name}")
             raise
 
-    def delete_children(self, namespace: str, pytorchjob: str, configmap: str) -> None:
-        """Delete the PyTorchJob (its pods go with it) and the ConfigMap; gone is fine.
+    def delete_children(self, namespace: str, kind: Kind, workload: str, configmap: str) -> None:
+        """Delete the workload (its pods go with it) and the ConfigMap; gone is fine.
 
         Explicit, not left to the garbage collector: cancel must stop the trainer now, and a
         cluster's GC may lag (or, in a bare test apiserver, not run at all).
@@ -224,12 +223,7 @@ class KubeClient:
 
         calls: tuple[Callable[[], Any], ...] = (
             lambda: self.custom.delete_namespaced_custom_object(
-                PYTORCHJOB_GROUP,
-                PYTORCHJOB_VERSION,
-                namespace,
-                PYTORCHJOB_PLURAL,
-                pytorchjob,
-                propagation_policy="Background",
+                *kind.args(namespace), workload, propagation_policy="Background"
             ),
             lambda: self.core.delete_namespaced_config_map(configmap, namespace),
         )
@@ -243,9 +237,38 @@ class KubeClient:
                 raise
 
 
-def _same_spec_and_status(fresh: dict[str, Any], based_on: dict[str, Any]) -> bool:
+@dataclass
+class KubeJobStore:
+    """FineTuneJobs in the apiserver, as the job driver writes them."""
+
+    kube: KubeClient
+    namespace: str
+
+    def write_status(self, job: FineTuneJob, patch: dict[str, Any]) -> FineTuneJob:
+        """Patch the status at the job's resourceVersion (see :meth:`KubeClient.patch_job_status`).
+
+        A conflict caused by metadata alone — kopf adding its finalizer and annotations to a new
+        job, the API annotating it — is retried once at the fresh version: the spec and status
+        the patch was computed from are unchanged, so it is still right, and a new job's first
+        pass is not wasted.
+        """
+        namespace = job.metadata.namespace or self.namespace
+        name = job.metadata.name
+        try:
+            raw = self.kube.patch_job_status(namespace, name, job.metadata.resource_version, patch)
+        except Conflict:
+            fresh = FineTuneJob.from_manifest(self.kube.get_job(namespace, name))
+            if not _same_spec_and_status(fresh, job):
+                raise
+            raw = self.kube.patch_job_status(
+                namespace, name, fresh.metadata.resource_version, patch
+            )
+        return FineTuneJob.from_manifest(raw)
+
+
+def _same_spec_and_status(fresh: FineTuneJob, based_on: FineTuneJob) -> bool:
     """Whether only metadata other than the generation changed between two views of a job."""
-    generation = (fresh.get("metadata") or {}).get("generation")
-    return generation == (based_on.get("metadata") or {}).get("generation") and (
-        fresh.get("status") or {}
-    ) == (based_on.get("status") or {})
+    return (
+        fresh.metadata.generation == based_on.metadata.generation
+        and fresh.status == based_on.status
+    )

@@ -1,13 +1,14 @@
-"""The kopf handlers of serving: thin, over :mod:`kubetune_operator.serving`.
+"""The kopf handlers of serving: thin, over :mod:`kubetune_operator.serving` and the job driver.
 
 - Two indexes: ready vLLM replicas by base model (Pods; an index needs no finalizer, so the
   vLLM pods are never patched) and the adapters to serve by base model (FineTuneJobs).
-- One sync loop per operator pushes each replica its desired set. Standalone, it is a task from
-  startup to cleanup; with peering, a daemon on the KopfPeering object, so kopf stops it on the
-  replicas that peering pauses (a daemon per vLLM pod would put kopf's finalizer on the pods).
+- One sync loop per operator pushes each replica its desired set, where this operator acts
+  (:func:`~kubetune_operator.loops.on_active_peer`; a daemon per vLLM pod would put kopf's
+  finalizer on the pods).
 - One status writer per succeeded FineTuneJob (a daemon: one writer per job, and the job's
-  ``supervise`` daemon has stopped at the terminal phase) records ``servedOn``,
-  ``servingError`` and the ``Served`` condition, with the resourceVersion precondition.
+  ``supervise`` daemon has stopped at the terminal phase) runs the driver's serving pass:
+  ``servedOn``, ``servingError`` and the ``Served`` condition, whenever the job or what the
+  replicas reported changes.
 """
 
 from __future__ import annotations
@@ -16,31 +17,26 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from kubetune.finetunejob import GROUP, PLURAL, VERSION, FineTuneJob, JobPhase
-from kubetune.serving import AdapterRef, adapter_ref
-from kubetune_operator.controller import OperatorContext
-from kubetune_operator.kube import Conflict
+from kubetune_operator.context import OperatorContext
+from kubetune_operator.loops import ChangePoller, Wait, failure_logger, on_active_peer
 from kubetune_operator.serving import (
     COMPONENT_LABEL,
-    POLL_SECONDS,
     VLLM_COMPONENT,
     Replica,
-    ServingState,
-    plan_status,
     replica_of,
     sync_replicas,
 )
+from kubetune_runtime.adapters import AdapterRef, adapter_ref
+from kubetune_runtime.driver import StatusConflict
 
 log = logging.getLogger(__name__)
-
-MAX_BACKOFF_SECONDS: Final = 60.0
 
 
 def is_succeeded(status: Any, **_: Any) -> bool:
@@ -60,12 +56,34 @@ def job_adapter(body: Any) -> AdapterRef | None:
 
 def register_serving(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     """Register the serving handlers in ``registry``."""
-    serving = ctx.settings.serving
-    peering = ctx.settings.operator.peering
-    state = ServingState()
-    ctx.metrics.adapters_loaded = state.loaded_counts
+    ctx.metrics.adapters_loaded = ctx.serving.loaded_counts
     # httpx logs every request at INFO: one line per replica per sync.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    _register_indexes(registry)
+
+    async def sync(stopped: Callable[[], bool], wait: Wait, kwargs: dict[str, Any]) -> None:
+        await sync_replicas(
+            kwargs["vllm_replicas"],
+            kwargs["served_adapters"],
+            ctx.serving,
+            ctx.metrics,
+            ctx.settings.serving,
+            stopped,
+            wait,
+        )
+
+    on_active_peer(
+        registry,
+        id="serving_sync",
+        peering=ctx.settings.operator.peering,
+        loop=sync,
+        stop_timeout=10,
+    )
+    _register_status_writer(registry, ctx)
+
+
+def _register_indexes(registry: kopf.OperatorRegistry) -> None:
+    """The ready vLLM replicas and the adapters to serve, each by base model."""
 
     @kopf.index(
         "",
@@ -87,55 +105,9 @@ def register_serving(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> N
         ref = job_adapter(body)
         return {ref.base_model: ref} if ref else {}
 
-    def loop(
-        kwargs: dict[str, Any], stopped: Callable[[], bool], wait: Any
-    ) -> Coroutine[Any, Any, None]:
-        return sync_replicas(
-            kwargs["vllm_replicas"],
-            kwargs["served_adapters"],
-            state,
-            ctx.metrics,
-            serving,
-            stopped,
-            wait,
-        )
 
-    @kopf.on.startup(id="serving_sync", registry=registry)
-    async def start_sync(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
-        """Standalone: run the sync loop as a task until cleanup."""
-        if not settings.peering.standalone:
-            return
-        stop = asyncio.Event()
-
-        async def wait(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
-
-        memo["serving_stop"] = stop
-        memo["serving_task"] = asyncio.create_task(loop(kwargs, stop.is_set, wait))
-
-    @kopf.on.cleanup(id="serving_sync_stop", registry=registry)
-    async def stop_sync(memo: Any, **_: Any) -> None:
-        """Stop the standalone sync loop."""
-        stop, task = memo.get("serving_stop"), memo.get("serving_task")
-        if stop is not None and task is not None:
-            stop.set()
-            await asyncio.gather(task, return_exceptions=True)
-
-    if peering is not None:
-
-        @kopf.daemon(
-            "kopf.dev",
-            "v1",
-            "kopfpeerings",
-            id="serving_sync",
-            registry=registry,
-            when=lambda name, **_: name == peering,
-            cancellation_timeout=10,
-        )
-        async def sync_daemon(stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
-            """With peering: the sync loop, on the replica that acts."""
-            await loop(kwargs, lambda: bool(stopped), stopped.wait)
+def _register_status_writer(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """The serving-status writer of each succeeded job."""
 
     @kopf.daemon(
         GROUP,
@@ -147,40 +119,21 @@ def register_serving(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> N
         cancellation_timeout=10,
     )
     async def publish_serving(
-        body: kopf.Body,
-        name: str,
-        namespace: str | None,
-        stopped: kopf.DaemonStopped,
-        logger: kopf.Logger,
-        **_: Any,
+        body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
     ) -> None:
         """Keep a succeeded job's servedOn, servingError and Served condition current."""
-        namespace = namespace or ctx.settings.kubernetes.namespace
-        loop_time = asyncio.get_running_loop().time
-        seen: tuple[Any, ...] | None = None
-        not_before, failures = 0.0, 0
-        while not stopped:
-            key = (body.get("metadata", {}).get("resourceVersion"), state.version)
-            if key != seen and loop_time() >= not_before:
-                try:
-                    plan = plan_status(copy.deepcopy(dict(body)), state, datetime.now(UTC))
-                    if plan.patch is not None:
-                        await asyncio.to_thread(
-                            ctx.kube.patch_job_status,
-                            namespace,
-                            name,
-                            plan.resource_version,
-                            plan.patch,
-                        )
-                        for type_, reason, message in plan.events:
-                            kopf.event(body, type=type_, reason=reason, message=message)
-                except Conflict:
-                    pass  # the newer object is on its way; recomputed from it
-                except Exception:
-                    ctx.metrics.reconcile_errors.labels("serving_status").inc()
-                    failures += 1
-                    logger.exception("Writing the serving status failed; retrying")
-                    not_before = loop_time() + min(MAX_BACKOFF_SECONDS, 2.0**failures)
-                else:
-                    seen, failures = key, 0
-            await stopped.wait(POLL_SECONDS)
+
+        def key() -> tuple[Any, ...]:
+            return body.get("metadata", {}).get("resourceVersion"), ctx.serving.version
+
+        async def one_pass() -> bool:
+            job = FineTuneJob.from_manifest(copy.deepcopy(dict(body)))
+            # A conflict: the newer object is on its way, and recomputed from.
+            with contextlib.suppress(StatusConflict):
+                await asyncio.to_thread(ctx.driver.serving_pass, job)
+            return False
+
+        poller = ChangePoller(
+            None, failure_logger(ctx.metrics.reconcile_errors, "serving_status", logger)
+        )
+        await poller.run(key, one_pass, lambda: bool(stopped))

@@ -11,10 +11,29 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from kubetune.finetunejob import FineTuneJob, FineTuneJobStatus
+from kubetune_api.errors import Conflict
 
 ANNOTATION_MODEL_DELETED = "kubetune.io/model-deleted"
 ANNOTATION_IDEMPOTENCY_KEY = "kubetune.io/idempotency-key"
+# The sha256 of the request that created a job under an idempotency key: the same key with
+# another body is refused, not answered with a job that is not what was asked for.
+ANNOTATION_IDEMPOTENCY_DIGEST = "kubetune.io/idempotency-request-sha256"
 LABEL_IDEMPOTENCY = "kubetune.io/idempotency"
+
+
+def same_request(stored: FineTuneJob, new: FineTuneJob) -> FineTuneJob:
+    """``stored`` when ``new`` was asked for with the same body; else a 409
+    ``idempotency_key_reuse`` (a job stored before digests were kept counts as the same).
+    """
+    had = stored.metadata.annotations.get(ANNOTATION_IDEMPOTENCY_DIGEST)
+    asked = new.metadata.annotations.get(ANNOTATION_IDEMPOTENCY_DIGEST)
+    if had is not None and asked is not None and had != asked:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request (it created "
+            f"job {stored.metadata.name}); use a new key for a new job.",
+            code="idempotency_key_reuse",
+        )
+    return stored
 
 
 @dataclass
@@ -25,13 +44,28 @@ class JobPage:
     has_more: bool
 
 
+@dataclass(frozen=True)
+class OrgUsage:
+    """What an org's unfinished (not cancelled) jobs hold or wait for."""
+
+    jobs: int
+    gpus: int
+
+    @classmethod
+    def of(cls, jobs: list[FineTuneJob]) -> OrgUsage:
+        """The usage of these (unfinished) jobs."""
+        return cls(jobs=len(jobs), gpus=sum(j.spec.resources.gpus for j in jobs))
+
+
 class JobBackend(ABC):
     """Storage of FineTuneJobs for the API."""
 
     @abstractmethod
     def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
         """Store a new job; with an idempotency key already used by this org, return that
-        job instead. The boolean tells whether a job was created.
+        job instead (or raise a 409 when it was made from another request, see
+        :func:`same_request`) — atomically, across every API replica. The boolean tells
+        whether a job was created.
         """
 
     @abstractmethod
@@ -45,8 +79,8 @@ class JobBackend(ABC):
         """The org's jobs, newest first, older than ``after``, matching every metadata pair."""
 
     @abstractmethod
-    def count_active(self, org: str) -> int:
-        """How many of the org's jobs have not finished."""
+    def active_usage(self, org: str) -> OrgUsage:
+        """How many of the org's jobs have not finished, and the GPUs they ask for."""
 
     @abstractmethod
     def patch_spec(
@@ -60,8 +94,11 @@ class JobBackend(ABC):
 
     @abstractmethod
     def update_status(self, org: str, job_id: str, status: FineTuneJobStatus) -> FineTuneJob:
-        """Replace the status (local executor / tests; on Kubernetes only the operator does)."""
+        """Replace the status (local mode's job runner, tests; on Kubernetes only the operator)."""
 
     @abstractmethod
     def ready(self) -> bool:
         """Whether the backing store answers."""
+
+    def close(self) -> None:  # noqa: B027 - a hook: most backends hold nothing to release
+        """Release what the backend holds (threads, connections); called when the app stops."""

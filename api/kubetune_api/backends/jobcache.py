@@ -21,6 +21,9 @@ from kubetune.finetunejob import GROUP, PLURAL, VERSION, FineTuneJob
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT_SECONDS = 300
 CATCH_UP_SECONDS = 2.0
+# Retries after a failed list or watch wait 1, 2, 4 … seconds, never more than this.
+RETRY_CAP_SECONDS = 30.0
+STOP_JOIN_SECONDS = 5.0
 
 
 def _rv(obj: dict[str, Any]) -> int:
@@ -42,46 +45,78 @@ class JobCache:
         self._seen_rv = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._watch: Any = None
         self._thread = threading.Thread(target=self._run, name="jobcache", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (the thread ends at its next event or timeout)."""
+        """Stop watching, and wait a little for the thread to end (a watch blocked on a quiet
+        apiserver ends at its next event or timeout; the thread is a daemon either way).
+        """
         self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.stop()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(STOP_JOIN_SECONDS)
+
+    @property
+    def running(self) -> bool:
+        """Whether the watch thread still runs."""
+        return self._thread.is_alive()
 
     # -- keeping up ------------------------------------------------------------------------
     def _run(self) -> None:
-        from kubernetes import watch
-
+        failures = 0
         while not self._stop.is_set():
             try:
-                listing = self._api.list_namespaced_custom_object(
-                    GROUP, VERSION, self._namespace, PLURAL
+                rv = self._relist()
+                failures = 0
+                self._follow(rv)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                delay = min(RETRY_CAP_SECONDS, 2.0 ** (failures - 1))
+                # One line per retry: the cause, not a traceback (the apiserver being away is
+                # an expected condition, and a traceback a second drowns the log).
+                log.warning(
+                    "job cache: the apiserver's FineTuneJobs cannot be listed or watched "
+                    "(%s: %s); retrying in %.0f s",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                    delay,
                 )
-                rv = _rv(listing)
-                with self._cond:
-                    self._jobs = {}
-                    for item in listing.get("items", []):
-                        self._put_locked(item)
-                    self._advance_locked(rv)
-                stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
-                    self._api.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    self._namespace,
-                    PLURAL,
-                    resource_version=str(rv),
-                    timeout_seconds=WATCH_TIMEOUT_SECONDS,
-                    allow_watch_bookmarks=True,
-                )
-                for event in stream:
-                    if self._stop.is_set():
-                        return
-                    if not self._apply(event):
-                        break  # e.g. 410 Gone: relist
-            except Exception:
-                log.warning("job cache: watch failed; relisting", exc_info=True)
-                self._stop.wait(1.0)
+                log.debug("job cache: failure detail", exc_info=True)
+                self._stop.wait(delay)
+
+    def _relist(self) -> int:
+        listing = self._api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, PLURAL)
+        rv = _rv(listing)
+        with self._cond:
+            self._jobs = {}
+            for item in listing.get("items", []):
+                self._put_locked(item)
+            self._advance_locked(rv)
+        return rv
+
+    def _follow(self, rv: int) -> None:
+        from kubernetes import watch
+
+        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
+        stream = self._watch.stream(
+            self._api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self._namespace,
+            PLURAL,
+            resource_version=str(rv),
+            timeout_seconds=WATCH_TIMEOUT_SECONDS,
+            allow_watch_bookmarks=True,
+        )
+        for event in stream:
+            if self._stop.is_set() or not self._apply(event):
+                return  # stopped, or e.g. 410 Gone: relist
 
     def _apply(self, event: dict[str, Any]) -> bool:
         kind, obj = event.get("type"), event.get("object") or {}

@@ -9,8 +9,9 @@ both are checked, so a mislabelled object is still not shown to the wrong org).
 from __future__ import annotations
 
 import hashlib
-import threading
-from typing import Any
+import logging
+import time
+from typing import Any, Final
 
 from kubetune.finetunejob import (
     GROUP,
@@ -26,14 +27,29 @@ from kubetune_api.backends.base import (
     LABEL_IDEMPOTENCY,
     JobBackend,
     JobPage,
+    OrgUsage,
+    same_request,
 )
 from kubetune_api.backends.jobcache import JobCache
 from kubetune_api.errors import NotFound, ServiceUnavailable, job_not_found
+
+log = logging.getLogger(__name__)
+ANNOTATION_CLAIMED_JOB: Final = "kubetune.io/job"
+# A claim's job appears within a create's round trip; one older than this whose job never
+# appeared was left by a replica that died in between, and is released.
+CLAIM_WAIT_SECONDS: Final = 5.0
+CLAIM_STALE_SECONDS: Final = 30.0
+CLAIM_ATTEMPTS: Final = 3
 
 
 def idempotency_label(org: str, key: str) -> str:
     """A label value (≤ 63 characters) standing for an org's idempotency key."""
     return hashlib.sha256(f"{org}\0{key}".encode()).hexdigest()[:40]
+
+
+def claim_name(label: str) -> str:
+    """The Lease that claims an idempotency key for one job."""
+    return f"kubetune-idempotency-{label}"
 
 
 class KubernetesJobBackend(JobBackend):
@@ -43,11 +59,15 @@ class KubernetesJobBackend(JobBackend):
         from kubernetes import client
 
         self._api: Any = client.CustomObjectsApi(api_client)
+        self._leases: Any = client.CoordinationV1Api(api_client)
         self._version: Any = client.VersionApi(api_client)
         self.namespace = namespace
-        # Serializes idempotent creates in this replica; see create().
-        self._create_lock = threading.Lock()
         self._cache = JobCache(self._api, namespace) if use_cache else None
+
+    def close(self) -> None:
+        """Stop the job cache's watch."""
+        if self._cache is not None:
+            self._cache.stop()
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -111,9 +131,10 @@ class KubernetesJobBackend(JobBackend):
     def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
         """See :meth:`JobBackend.create`.
 
-        Idempotency keys are a label on the job. The lookup-then-create is serialized within
-        this replica; two replicas receiving the same key in the same instant could both
-        create, which a client retrying after a timeout does not do.
+        An idempotency key is claimed first with a Lease named after the org and the key: the
+        apiserver lets one create of that name succeed, so of two replicas (or two requests)
+        with the same key exactly one creates the job; the other finds the claim, waits for
+        the job it names and returns it. The Lease is then owned by the job, and goes with it.
         """
         manifest = job.to_manifest()
         labels = manifest["metadata"].setdefault("labels", {})
@@ -122,16 +143,103 @@ class KubernetesJobBackend(JobBackend):
             created = self._create(manifest)
             return FineTuneJob.from_manifest(created), True
         label = idempotency_label(job.spec.org, idempotency_key)
-        with self._create_lock:
-            existing = self._list_org(job.spec.org, f"{LABEL_IDEMPOTENCY}={label}")
-            if existing:
-                return existing[0], False
-            labels[LABEL_IDEMPOTENCY] = label
-            manifest["metadata"].setdefault("annotations", {})[ANNOTATION_IDEMPOTENCY_KEY] = (
-                idempotency_key[:256]
-            )
-            created = self._create(manifest)
+        existing = self._list_org(job.spec.org, f"{LABEL_IDEMPOTENCY}={label}")
+        if existing:  # the usual retry: the job is there already
+            return same_request(existing[0], job), False
+        for _ in range(CLAIM_ATTEMPTS):
+            holder = self._claim(label, job)
+            if holder is None:
+                break
+            found = self._await_claimed(job.spec.org, holder)
+            if found is not None:
+                return same_request(found, job), False
+        else:
+            raise ServiceUnavailable("Another request with this Idempotency-Key is in progress")
+        labels[LABEL_IDEMPOTENCY] = label
+        manifest["metadata"].setdefault("annotations", {})[ANNOTATION_IDEMPOTENCY_KEY] = (
+            idempotency_key[:256]
+        )
+        created = self._create(manifest)
+        self._own_claim(label, created)
         return FineTuneJob.from_manifest(created), True
+
+    def _claim(self, label: str, job: FineTuneJob) -> dict[str, Any] | None:
+        """Create the key's Lease naming ``job``; None when this call made it, else the Lease
+        another request made.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        body = {
+            "metadata": {
+                "name": claim_name(label),
+                "labels": {LABEL_ORG: job.spec.org, LABEL_IDEMPOTENCY: label},
+                "annotations": {ANNOTATION_CLAIMED_JOB: job.metadata.name},
+            },
+            "spec": {"holderIdentity": job.metadata.name},
+        }
+        try:
+            self._call(self._leases.create_namespaced_lease, self.namespace, body)
+            return None
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        try:
+            lease: Any = self._call(
+                self._leases.read_namespaced_lease, claim_name(label), self.namespace
+            )
+        except NotFound:
+            return {}  # released in between: claim again
+        return dict(lease.to_dict())
+
+    def _await_claimed(self, org: str, lease: dict[str, Any]) -> FineTuneJob | None:
+        """The job a claim names, once its creator made it; None when the claim was released
+        (its creator died before creating the job, or it was released in between).
+        """
+        metadata = lease.get("metadata") or {}
+        job_id = (metadata.get("annotations") or {}).get(ANNOTATION_CLAIMED_JOB)
+        if not job_id:
+            return None
+        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            found = self.get(org, job_id)
+            if found is not None:
+                return found
+            time.sleep(0.1)
+        created = metadata.get("creation_timestamp")
+        if created is not None and time.time() - created.timestamp() > CLAIM_STALE_SECONDS:
+            self._release(metadata)
+        return None
+
+    def _release(self, metadata: dict[str, Any]) -> None:
+        """Delete a stale claim (only the one read: a newer claim of the key stays)."""
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
+
+        options = V1DeleteOptions(preconditions=V1Preconditions(uid=metadata.get("uid")))
+        try:
+            self._call(
+                self._leases.delete_namespaced_lease, metadata["name"], self.namespace, body=options
+            )
+        except NotFound:
+            pass
+        except Exception:
+            log.warning("could not release the stale claim %s", metadata.get("name"))
+
+    def _own_claim(self, label: str, created: dict[str, Any]) -> None:
+        """Make the job the claim's owner, so the claim is deleted with the job."""
+        meta = created["metadata"]
+        owner = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "name": meta["name"],
+            "uid": meta["uid"],
+        }
+        patch = {"metadata": {"ownerReferences": [owner]}}
+        try:
+            self._call(
+                self._leases.patch_namespaced_lease, claim_name(label), self.namespace, patch
+            )
+        except Exception:  # the job exists: a claim left without owner only costs an object
+            log.warning("could not hand the claim %s to job %s", claim_name(label), meta["name"])
 
     def get(self, org: str, job_id: str) -> FineTuneJob | None:
         """See :meth:`JobBackend.get`."""
@@ -163,12 +271,14 @@ class KubernetesJobBackend(JobBackend):
             ]
         return JobPage(jobs=jobs[:limit], has_more=len(jobs) > limit)
 
-    def count_active(self, org: str) -> int:
-        """See :meth:`JobBackend.count_active`."""
-        return sum(
-            1
-            for j in self._org_jobs(org)
-            if not j.spec.cancel and not is_terminal(j.status.phase if j.status else None)
+    def active_usage(self, org: str) -> OrgUsage:
+        """See :meth:`JobBackend.active_usage`."""
+        return OrgUsage.of(
+            [
+                j
+                for j in self._org_jobs(org)
+                if not j.spec.cancel and not is_terminal(j.status.phase if j.status else None)
+            ]
         )
 
     def _patch(

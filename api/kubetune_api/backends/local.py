@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kubetune.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.lifecycle import TERMINAL_PHASES
-from kubetune_api.backends.base import JobBackend, JobPage
+from kubetune_api.backends.base import JobBackend, JobPage, OrgUsage, same_request
 from kubetune_api.errors import job_not_found
 
 _SCHEMA = """
@@ -72,7 +72,7 @@ class LocalJobBackend(JobBackend):
                 ).fetchone()
                 if row is None:
                     raise
-                return self._row_to_job(row[0]), False
+                return same_request(self._row_to_job(row[0]), job), False
         return job, True
 
     def get(self, org: str, job_id: str) -> FineTuneJob | None:
@@ -102,7 +102,7 @@ class LocalJobBackend(JobBackend):
 
     def scan(self, *, unfinished: bool) -> builtins.list[FineTuneJob]:
         """Every org's jobs, oldest first; only those not yet final when ``unfinished``
-        (local mode's executor works through them; the API's calls stay scoped to an org).
+        (local mode's job runner works through them; the API's calls stay scoped to an org).
         """
         query = "SELECT manifest FROM jobs"
         args: list[object] = []
@@ -113,16 +113,16 @@ class LocalJobBackend(JobBackend):
         rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [self._row_to_job(r[0]) for r in rows]
 
-    def count_active(self, org: str) -> int:
-        """See :meth:`JobBackend.count_active`."""
+    def active_usage(self, org: str) -> OrgUsage:
+        """See :meth:`JobBackend.active_usage`."""
         terminal = [p.value for p in TERMINAL_PHASES]
-        row = self._db.execute(
-            f"SELECT COUNT(*) FROM jobs WHERE org = ? AND (phase IS NULL OR phase NOT IN "  # noqa: S608
+        rows = self._db.execute(
+            f"SELECT manifest FROM jobs WHERE org = ? AND (phase IS NULL OR phase NOT IN "  # noqa: S608
             f"({','.join('?' * len(terminal))})) "
             "AND json_extract(manifest, '$.spec.cancel') IS NOT 1",
             (org, *terminal),
-        ).fetchone()
-        return int(row[0])
+        ).fetchall()
+        return OrgUsage.of([self._row_to_job(r[0]) for r in rows])
 
     def _modify(
         self,

@@ -6,10 +6,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
-from kubetune.datasets import JsonlValidator
 from kubetune.files import FileMeta, FilePurpose, FileStatus
 from kubetune.ids import IdKind, is_valid_id, new_file_id
-from kubetune.objectstore import ObjectNotFound, ObjectStore
 from kubetune.settings import Settings
 from kubetune.storage_layout import StorageLayout
 from kubetune_api.auth import Principal
@@ -17,6 +15,8 @@ from kubetune_api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLa
 from kubetune_api.metrics import FILES_CREATED
 from kubetune_api.protocol import DeleteFileResponse, ListFilesResponse, OpenAIFile
 from kubetune_api.tokens import token_counter
+from kubetune_runtime.datasets import JsonlValidator
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 
 META_SUFFIX = ".meta.json"
 

@@ -50,8 +50,11 @@ class InferenceService:
         # Created on first use, inside the server's event loop that its connections belong to.
         if self._client is None:
             timeout = self.settings.serving.request_timeout_seconds
+            key = self.settings.serving.vllm_api_key
+            # vLLM's --api-key: the client's own key is for kubetune, never passed on.
+            headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
             self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT)
+                timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT), headers=headers
             )
         return self._client
 

@@ -4,13 +4,14 @@ pause, resume, events and checkpoints — the same on both backends.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.datasets import DatasetFormat, format_mismatch_message, validate_jsonl
 from kubetune.events import JobEvent, page_newest_first, read_events, write_control_events
 from kubetune.files import FileMeta, FilePurpose
 from kubetune.finetunejob import (
@@ -27,11 +28,21 @@ from kubetune.finetunejob import (
 from kubetune.hyperparameters import resolve
 from kubetune.ids import IdKind, is_valid_id, new_job_id
 from kubetune.lifecycle import is_terminal
-from kubetune.objectstore import ObjectStore
 from kubetune.settings import BaseModelEntry, Settings
+from kubetune.trainer_config import tracking_uri_error
 from kubetune_api.auth import Principal
-from kubetune_api.backends.base import ANNOTATION_MODEL_DELETED, JobBackend
-from kubetune_api.errors import Conflict, InvalidRequest, NotFound, validation_error
+from kubetune_api.backends.base import (
+    ANNOTATION_IDEMPOTENCY_DIGEST,
+    ANNOTATION_MODEL_DELETED,
+    JobBackend,
+)
+from kubetune_api.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    validation_error,
+)
 from kubetune_api.metrics import JOBS_CREATED
 from kubetune_api.protocol import (
     CheckpointMetrics,
@@ -46,6 +57,8 @@ from kubetune_api.protocol import (
 from kubetune_api.services.files import FileService
 from kubetune_api.services.views import api_status, job_to_openai
 from kubetune_api.tokens import token_counter
+from kubetune_runtime.datasets import DatasetFormat, format_mismatch_message, validate_jsonl
+from kubetune_runtime.objectstore import ObjectStore
 
 
 class JobService:
@@ -83,7 +96,10 @@ class JobService:
         )
 
     def _resolve_model(self, principal: Principal, model: str) -> str:
-        """Check the requested base (or ft:) model; return the catalogue base model."""
+        """Check the requested base model; return it. An ``ft:`` model is refused here, at
+        create: the trainer cannot continue from an adapter yet, and a job accepted only to
+        fail later would cost the user a queue wait to learn that.
+        """
         if model.startswith("ft:"):
             source = self.find_fine_tuned(principal, model)
             if source is None:
@@ -92,10 +108,16 @@ class JobService:
                     param="model",
                     code="model_not_available",
                 )
-            return (
+            base = (
                 source.spec.model.split(":")[1]
                 if source.spec.model.startswith("ft:")
-                else source.spec.model
+                else (source.spec.model)
+            )
+            raise InvalidRequest(
+                f"Continuing training from a fine-tuned model ({model}) is not supported yet; "
+                f"fine-tune its base model {base} instead.",
+                param="model",
+                code="model_not_supported",
             )
         if model not in self._catalogue:
             available = ", ".join(sorted(self._catalogue)) or "none configured"
@@ -243,23 +265,102 @@ class JobService:
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
 
+    def _admissible(self, principal: Principal, spec: FineTuneJobSpec) -> FineTuneJobSpec:
+        """The job with its queue (the org's default when it names none), if this deployment
+        lets the org use that queue and the GPUs and GPU type it asks for.
+        """
+        rules = self.settings.queueing
+        if spec.queue is not None and not rules.queue_allowed(principal.org, spec.queue):
+            open_queues = sorted(
+                {
+                    *filter(None, [rules.default_queue_of(principal.org)]),
+                    *rules.allowed_queues.get(principal.org, ()),
+                    *rules.allowed_queues.get("*", ()),
+                }
+            )
+            raise InvalidRequest(
+                f"Queue {spec.queue!r} is not open to your organization; its queues: "
+                f"{', '.join(open_queues) or 'none (leave queue unset)'}.",
+                param="queue",
+                code="queue_not_allowed",
+            )
+        gpus = spec.resources.gpus
+        if rules.max_gpus_per_job is not None and gpus > rules.max_gpus_per_job:
+            raise InvalidRequest(
+                f"The job asks for {gpus} GPUs ({spec.resources.nodes} nodes x "
+                f"{spec.resources.gpus_per_node}); a job may use at most "
+                f"{rules.max_gpus_per_job}.",
+                param="resources",
+                code="gpu_limit_exceeded",
+            )
+        gpu_type = spec.resources.gpu_type
+        if rules.gpu_types and gpu_type is not None and gpu_type not in rules.gpu_types:
+            raise InvalidRequest(
+                f"GPU type {gpu_type!r} is not available; choose one of: "
+                f"{', '.join(rules.gpu_types)}.",
+                param="resources.gpu_type",
+                code="invalid_gpu_type",
+            )
+        self._check_profile(principal, spec.resources.profile)
+        tracking = tracking_uri_error(spec.integrations, self.settings)
+        if tracking is not None:  # trainer pods would call a server the tenant chose
+            raise InvalidRequest(str(tracking), param=tracking.param, code=tracking.code)
+        return spec.model_copy(
+            update={"queue": spec.queue or rules.default_queue_of(principal.org)}
+        )
+
+    def _check_profile(self, principal: Principal, name: str | None) -> None:
+        """The hardware profile, if one is named, exists and is open to the org."""
+        if name is None:
+            return
+        profiles = self.settings.operator.hardware_profiles
+        profile = self.settings.operator.hardware_profile(name)
+        if profile is None or not profile.allows(principal.org):
+            offered = [p.name for p in profiles if p.allows(principal.org)]
+            raise InvalidRequest(
+                f"Hardware profile {name!r} is not available; choose one of: "
+                f"{', '.join(offered) or 'none (leave profile unset)'}.",
+                param="resources.profile",
+                code="invalid_hardware_profile",
+            )
+
+    def _check_org_usage(self, principal: Principal, spec: FineTuneJobSpec) -> None:
+        """The org's unfinished jobs leave room for this one (count, then GPUs).
+
+        Checked before the job is stored, without a lock: two jobs created at the same moment
+        may both pass; Kueue's quota (where the cluster has it) is the hard limit.
+        """
+        limits, rules = self.settings.limits, self.settings.queueing
+        usage = self.backend.active_usage(principal.org)
+        if usage.jobs >= limits.max_active_jobs_per_org:
+            raise Conflict(
+                f"Your organization has {limits.max_active_jobs_per_org} unfinished "
+                "jobs, the most allowed; wait for one to finish or cancel one.",
+                code="job_limit_reached",
+            )
+        gpus = spec.resources.gpus
+        cap = rules.max_gpus_per_org
+        if cap is not None and gpus and usage.gpus + gpus > cap:
+            raise QuotaExceeded(
+                f"Your organization's unfinished jobs ask for {usage.gpus} GPUs; this job's "
+                f"{gpus} more would exceed its limit of {cap}. Wait for a job to finish or "
+                "cancel one.",
+                param="resources",
+                code="gpu_quota_exceeded",
+            )
+
     def create(
         self, principal: Principal, req: CreateFineTuningJobRequest, idempotency_key: str | None
     ) -> FineTuningJob:
         """Validate and store a new job; the same idempotency key returns the same job."""
         base = self._resolve_model(principal, req.model)
-        spec = self._spec_from_request(principal, req, base)
+        spec = self._admissible(principal, self._spec_from_request(principal, req, base))
         training = self._check_file(
             principal, spec.training_file, "training_file", spec.method.type
         )
         if spec.validation_file is not None:
             self._check_file(principal, spec.validation_file, "validation_file", spec.method.type)
-        if self.backend.count_active(principal.org) >= self.settings.limits.max_active_jobs_per_org:
-            raise Conflict(
-                f"Your organization has {self.settings.limits.max_active_jobs_per_org} unfinished "
-                "jobs, the most allowed; wait for one to finish or cancel one.",
-                code="job_limit_reached",
-            )
+        self._check_org_usage(principal, spec)
         n_examples = int(training.stats.get("n_examples") or 1)
         spec.method.hyperparameters = resolve(
             spec.method.hyperparameters,
@@ -268,10 +369,14 @@ class JobService:
             n_examples=n_examples,
         )
         job_id = new_job_id()
+        annotations = {}
+        if idempotency_key is not None:
+            annotations[ANNOTATION_IDEMPOTENCY_DIGEST] = request_digest(req)
         job = FineTuneJob(
             metadata=ObjectMeta(
                 name=job_id,
                 labels={LABEL_ORG: principal.org, LABEL_BASE_MODEL: _label_value(base)},
+                annotations=annotations,
             ),
             spec=spec,
         )
@@ -420,6 +525,12 @@ class JobService:
             job = self.backend.patch_spec(principal.org, job_id, suspend=False)
         self._event(job, "Fine-tuning job resumed")
         return job_to_openai(job)
+
+
+def request_digest(req: CreateFineTuningJobRequest) -> str:
+    """The sha256 of a create request's content (key order and unset fields aside)."""
+    body = req.model_dump(mode="json", exclude_none=True)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _label_value(value: str) -> str:

@@ -76,6 +76,6 @@ class ModelService:
             raise NotFound(
                 f"The model '{model}' does not exist", param="model", code="model_not_found"
             )
-        # The operator (or local executor) unloads annotated models from every vLLM replica.
+        # The job driver (operator or local mode) unloads annotated models from every replica.
         self.backend.annotate(principal.org, job.metadata.name, {ANNOTATION_MODEL_DELETED: "true"})
         return DeleteModelResponse(id=model, deleted=True)

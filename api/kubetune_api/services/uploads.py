@@ -17,7 +17,6 @@ from typing import BinaryIO
 from pydantic import BaseModel
 
 from kubetune.ids import IdKind, is_valid_id, new_id
-from kubetune.objectstore import ObjectNotFound, ObjectStore
 from kubetune.settings import Settings
 from kubetune_api.auth import Principal
 from kubetune_api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
@@ -28,9 +27,11 @@ from kubetune_api.protocol import (
     UploadPart,
 )
 from kubetune_api.services.files import FileService, to_openai
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 
 UPLOAD_TTL_SECONDS = 3600  # OpenAI: an upload expires an hour after it is created
 MAX_PART_BYTES = 64 * 1024 * 1024  # OpenAI: a part is at most 64 MB
+MAX_PARTS = 10_000  # S3's own cap on a multipart upload's parts
 
 
 class UploadStatus(StrEnum):
@@ -130,24 +131,47 @@ class UploadService:
         return self._view(principal, state)
 
     def add_part(self, principal: Principal, upload_id: str, data: BinaryIO) -> UploadPart:
-        """Store one part (at most 64 MB)."""
+        """Store one part (at most 64 MB). The parts together may hold at most one part more
+        than the upload was created for (room for a part the client sent again after a
+        timeout), and number at most ``MAX_PARTS``: checked as the bytes arrive, so parts
+        cannot grow without bound before ``complete``.
+        """
         state = self._load(principal, upload_id)
         self._require_pending(state)
+        stored, count = self._stored(principal, upload_id)
+        if count >= MAX_PARTS:
+            raise Conflict(f"An upload may have at most {MAX_PARTS} parts.", code="too_many_parts")
+        slack = min(state.bytes, MAX_PART_BYTES)  # one part resent, at most
+        room = min(MAX_PART_BYTES, state.bytes + slack - stored)
         part_id = new_id(IdKind.PART)
         seen = 0
 
         def guard(chunk: bytes) -> None:
             nonlocal seen
             seen += len(chunk)
-            if seen > MAX_PART_BYTES:
+            if seen > room:
                 raise PayloadTooLarge(
-                    f"A part may hold at most {MAX_PART_BYTES} bytes.", param="data"
+                    f"A part may hold at most {MAX_PART_BYTES} bytes, and the parts of upload "
+                    f"{upload_id} at most one part more than the {state.bytes} bytes it was "
+                    f"created for ({stored} stored already).",
+                    param="data",
                 )
 
         self.store.put_stream(
             self.layout.upload_part_key(principal.org, upload_id, part_id), data, on_chunk=guard
         )
         return UploadPart(id=part_id, created_at=int(time.time()), upload_id=upload_id)
+
+    def _stored(self, principal: Principal, upload_id: str) -> tuple[int, int]:
+        """Bytes and number of the parts stored so far.
+
+        Listed, not kept as a running total in the upload's state: parts arrive in parallel and
+        on several API replicas, and a total would need a compare-and-swap on every part.
+        """
+        prefix = self.layout.upload_prefix(principal.org, upload_id)
+        state_key = self.layout.upload_state_key(principal.org, upload_id)
+        sizes = [info.size for info in self.store.list(prefix) if info.key != state_key]
+        return sum(sizes), len(sizes)
 
     def _parts(self, principal: Principal, upload_id: str, part_ids: list[str]) -> Iterator[bytes]:
         for part_id in part_ids:

@@ -23,8 +23,9 @@ _WAITING = (None, JobPhase.VALIDATING_FILES, JobPhase.QUEUED, JobPhase.PAUSED)
 def api_status(job: FineTuneJob) -> str:
     """The status a client sees: the observed phase, updated at once by what was requested.
 
-    The operator (or local executor) acts on ``spec.cancel``/``spec.suspend`` asynchronously;
-    showing the requested outcome right away is what OpenAI's cancel and pause do too.
+    The job driver (operator or local mode) acts on ``spec.cancel``/``spec.suspend``
+    asynchronously; showing the requested outcome right away is what OpenAI's cancel and pause
+    do too.
     """
     phase = job.status.phase if job.status else None
     if phase in TERMINAL_PHASES:

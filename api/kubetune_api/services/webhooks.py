@@ -1,4 +1,4 @@
-"""Webhook endpoints of an org: registered by its admins, stored with kubetune.webhooks.
+"""Webhook endpoints of an org: registered by its admins, stored with kubetune_runtime.webhooks.
 
 The signing secret is generated here and returned once, in the answer to the creation (as
 OpenAI shows a webhook secret once); listings never include it.
@@ -6,17 +6,7 @@ OpenAI shows a webhook secret once); listings never include it.
 
 from __future__ import annotations
 
-from kubetune.objectstore import ObjectStore
 from kubetune.settings import Settings
-from kubetune.webhooks import (
-    InvalidWebhookTarget,
-    WebhookEndpoint,
-    WebhookEventType,
-    create_endpoint,
-    delete_endpoint,
-    list_endpoints,
-    static_endpoints,
-)
 from kubetune_api.auth import Principal, Role
 from kubetune_api.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from kubetune_api.protocol import (
@@ -24,6 +14,16 @@ from kubetune_api.protocol import (
     DeleteWebhookEndpointResponse,
     ListWebhookEndpointsResponse,
     WebhookEndpointObject,
+)
+from kubetune_runtime.objectstore import ObjectStore
+from kubetune_runtime.webhooks import (
+    InvalidWebhookTarget,
+    WebhookEndpoint,
+    WebhookEventType,
+    create_endpoint,
+    delete_endpoint,
+    list_endpoints,
+    static_endpoints,
 )
 
 

@@ -1,18 +1,19 @@
-"""Pure decisions of the local executor: what a trainer's exit means, its environment, which
-queued jobs may start. The training-operator makes these decisions in a cluster; here they are
-functions so they can be tested without running anything.
+"""Pure decisions of the subprocess runtime: what a trainer's exit means, its environment, which
+waiting trainers may start, and the conditions its workload carries. The training-operator (and
+Kueue) make these decisions in a cluster; here they are functions so they can be tested without
+running anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from kubetune.finetunejob import FineTuneJob, JobPhase
-from kubetune.observed import Observed
-from kubetune.trainer_config import world_size
+from kubetune.finetunejob import ConditionType, JobPhase
+from kubetune_runtime.observed import Observed
 
 SUCCESS: Final = 0
 # The PyTorchJob's restartPolicy ExitCode: 1-127 are permanent, 128-255 retryable (143 after a
@@ -20,8 +21,6 @@ SUCCESS: Final = 0
 FIRST_RETRYABLE: Final = 128
 # The part of this host's environment a trainer container would also have.
 HOST_ENV: Final = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "USER")
-# Waiting, in the order jobs are picked (oldest first within a phase).
-STARTABLE: Final = (JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.PAUSED)
 
 
 @dataclass(frozen=True)
@@ -66,22 +65,22 @@ def after_exit(
 
 def trainer_env(
     host_env: Mapping[str, str],
-    job: FineTuneJob,
+    job_id: str,
+    nproc: int,
     *,
     workdir: Path,
     master_port: int,
 ) -> dict[str, str]:
     """The trainer's environment: what the training-operator gives a one-node PyTorchJob.
 
-    All of a job's processes run on this machine, so it is one "node" with one process per
-    GPU (one on a CPU); ``launch`` runs torchrun when that is more than one.
+    All of a job's ``nproc`` processes run on this machine, so it is one "node" with one
+    process per GPU (one on a CPU); ``launch`` runs torchrun when that is more than one.
     """
     env = {k: host_env[k] for k in HOST_ENV if k in host_env}
-    nproc = world_size(job.spec.resources)
     env.update(
         {
             "PYTHONUNBUFFERED": "1",
-            "KUBETUNE_JOB_ID": job.metadata.name,
+            "KUBETUNE_JOB_ID": job_id,
             "KUBETUNE_TRAINER_WORKDIR": str(workdir),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(master_port),
@@ -103,21 +102,69 @@ def trainer_env(
     return env
 
 
-def startable(jobs: Sequence[FineTuneJob], running: int, limit: int) -> list[str]:
-    """Ids of the jobs that may start a trainer now: waiting, not paused, oldest first,
-    as many as free slots allow. A job that was running when the server stopped counts as
-    waiting (its trainer is gone) and goes first, so it resumes before new work starts.
+@dataclass(frozen=True)
+class Waiting:
+    """A trainer waiting for a slot: its job, and whether it was running when local mode
+    stopped (it then resumes before new work starts).
+    """
+
+    job_id: str
+    resume_first: bool
+
+
+def admissible(waiting: Iterable[Waiting], running: int, limit: int) -> list[str]:
+    """Ids of the waiting trainers that may start now: interrupted ones first, then oldest
+    first (job ids are time-ordered), as many as free slots allow. Local mode's stand-in for
+    a cluster's queue (Kueue): a job waits in ``queued`` until it is admitted.
     """
     free = max(0, limit - running)
-    waiting = [
-        j
-        for j in jobs
-        if j.status is not None
-        and j.status.phase in STARTABLE
-        and not j.spec.suspend
-        and not j.spec.cancel
-    ]
-    waiting.sort(
-        key=lambda j: (j.status is None or j.status.phase is not JobPhase.RUNNING, j.metadata.name)
-    )
-    return [j.metadata.name for j in waiting[:free]]
+    order = sorted(waiting, key=lambda w: (not w.resume_first, w.job_id))
+    return [w.job_id for w in order[:free]]
+
+
+Conditions = list[dict[str, str]]
+
+
+def update_conditions(
+    conditions: Sequence[Mapping[str, str]],
+    type_: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    now: datetime,
+) -> Conditions:
+    """``conditions`` with ``type_`` set, by the training-operator's rules for a job's
+    conditions (``UpdateJobConditions``): nothing changes once the job failed; a condition's
+    transition time stays while its status does; Running and Restarting replace each other;
+    Succeeded and Failed turn Running False. The job driver mirrors them into the FineTuneJob,
+    as it mirrors a PyTorchJob's.
+    """
+    current = [dict(c) for c in conditions]
+    if any(c["type"] == ConditionType.FAILED and c["status"] == "True" for c in current):
+        return current
+    wanted = "True" if status else "False"
+    old = next((c for c in current if c["type"] == type_), None)
+    if old is not None and (old["status"], old.get("reason")) == (wanted, reason):
+        return current
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    new = {
+        "type": type_.value,
+        "status": wanted,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old["lastTransitionTime"]
+        if old is not None and old["status"] == wanted
+        else stamp,
+    }
+    replaced = {type_} | _REPLACES.get(type_, set())
+    kept = [c for c in current if c["type"] not in replaced]
+    if type_ in (ConditionType.SUCCEEDED, ConditionType.FAILED):
+        kept = [{**c, "status": "False"} if c["type"] == ConditionType.RUNNING else c for c in kept]
+    return [*kept, new]
+
+
+_REPLACES: Final[dict[ConditionType, set[ConditionType]]] = {
+    ConditionType.RUNNING: {ConditionType.RESTARTING},
+    ConditionType.RESTARTING: {ConditionType.RUNNING},
+}

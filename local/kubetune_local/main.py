@@ -1,12 +1,13 @@
 """Local mode: the whole service on one machine (``make run``, ``kubetune serve``).
 
-``python -m kubetune_api.local_mode [--data-dir D] [--host H] [--port P] [--no-vllm]``
+``python -m kubetune_local [--data-dir D] [--host H] [--port P] [--no-vllm]``
 
 - state under the data folder (default ``~/.local/share/kubetune``): files and adapters in a
   local object store, jobs in SQLite, an API key made on first start (its hash in
   ``api_keys.json``, the key itself in the 0600 file ``api_key`` so it can be shown each time);
 - a tiny Llama base model, ``tiny-llama``, created offline on first start;
-- the local executor runs jobs with the real trainer as subprocesses;
+- the job driver runs jobs with the subprocess runtime: the real trainer as child processes
+  (:mod:`kubetune_local.runner`);
 - a real vLLM on the CPU serves the base model with LoRA enabled, and every fine-tuned model
   through the API's ``/v1/chat/completions`` (skipped with ``--no-vllm`` or when vLLM is not
   installed: ``bash hack/install-vllm.sh``).
@@ -35,10 +36,14 @@ from typing import Final
 import uvicorn
 
 from kubetune.settings import BaseModelEntry, Mode, Settings
-from kubetune.vllm_launch import VllmLaunch, default_vllm_python
-from kubetune_api.app import create_app
+from kubetune_api.app import build_services, create_app
 from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
-from kubetune_api.executor.process import ChildProcess
+from kubetune_api.backends.local import LocalJobBackend
+from kubetune_local.process import ChildProcess, children_registry, stop_orphans
+from kubetune_local.runner import LocalRunner
+from kubetune_runtime.ports import free_loopback_port
+from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python
+from kubetune_trainer import tiny_model
 
 log = logging.getLogger("kubetune.local")
 
@@ -71,9 +76,7 @@ def ensure_base_model(data_dir: Path) -> Path:
     folder = data_dir / "models" / BASE_MODEL
     if not (folder / "config.json").exists():
         print(f"Creating the tiny base model {BASE_MODEL} in {folder} (first start only)...")
-        subprocess.run(
-            [sys.executable, "-m", "kubetune_trainer.tiny_model", str(folder)], check=True
-        )
+        subprocess.run([sys.executable, "-m", tiny_model.__name__, str(folder)], check=True)
     return folder
 
 
@@ -123,16 +126,11 @@ def local_settings(args: argparse.Namespace) -> Settings:
             "mode": Mode.LOCAL,
             "data_dir": data_dir,
             "api": api,
-            "local": base.local.model_copy(update={"run_jobs": True}),
         }
     )
 
 
 # -- vLLM -----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serves(url: str) -> bool:
@@ -153,7 +151,7 @@ def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | No
     launch = VllmLaunch(
         model=model,
         served_model_name=BASE_MODEL,
-        port=_free_port(),
+        port=free_loopback_port(),
         python=python,
         max_lora_rank=settings.serving.max_lora_rank,
         max_model_len=CONTEXT_LENGTH,
@@ -166,6 +164,8 @@ def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | No
         env=launch.env(),
         cwd=settings.data_dir,
         log_path=logs / "vllm.log",
+        grace=VLLM_STOP_GRACE,
+        registry=children_registry(settings.data_dir),
     )
     try:
         ready = _wait_ready(process, launch.base_url)
@@ -190,7 +190,7 @@ def _wait_ready(process: ChildProcess, url: str) -> bool:
 
 
 def with_vllm(settings: Settings, model: Path, url: str) -> Settings:
-    """Settings whose inference proxy and executor use the local vLLM."""
+    """Settings whose inference proxy and job runner use the local vLLM."""
     serving = settings.serving.model_copy(
         update={
             "vllm_urls": {**settings.serving.vllm_urls, BASE_MODEL: url},
@@ -241,36 +241,51 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Prepare the data folder, start vLLM, serve until Ctrl-C, then stop everything."""
+def prepare(args: argparse.Namespace) -> tuple[Settings, Path, str]:
+    """The settings, the base model's folder and the API key, made on first start."""
     settings = local_settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    left = stop_orphans(children_registry(settings.data_dir))
+    if left:  # a previous run was killed before it could stop them
+        print(f"Stopped what a previous run left running: {', '.join(left)}", flush=True)
     model = ensure_base_model(settings.data_dir)
-    settings = settings.model_copy(
-        update={
-            "models": [
-                *(m for m in settings.models if m.id != BASE_MODEL),
-                catalogue_entry(model),
-            ]
-        }
+    catalogue = [*(m for m in settings.models if m.id != BASE_MODEL), catalogue_entry(model)]
+    settings = settings.model_copy(update={"models": catalogue})
+    return settings, model, ensure_api_key(settings.data_dir)
+
+
+def run_service(settings: Settings, key: str, *, inference: bool) -> None:
+    """Serve the API with the job runner beside it until the server stops (Ctrl-C)."""
+    services = build_services(settings)
+    if not isinstance(services.backend, LocalJobBackend):
+        raise TypeError("local mode keeps its jobs in SQLite")
+    runner = LocalRunner(settings, services.backend, services.store)
+    host = "localhost" if settings.api.host in ("127.0.0.1", "0.0.0.0") else settings.api.host  # noqa: S104
+    config = uvicorn.Config(
+        create_app(settings, services),
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
-    key = ensure_api_key(settings.data_dir)
+    runner.start()
+    try:
+        _Server(
+            config, banner(f"http://{host}:{settings.api.port}/v1", key, inference=inference)
+        ).run()
+    finally:
+        runner.stop()  # trainers commit a checkpoint; their jobs resume on the next start
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Prepare the data folder, start vLLM, serve until Ctrl-C, then stop everything."""
+    settings, model, key = prepare(args)
     vllm = None if args.no_vllm else start_vllm(settings, model)
     try:
         if vllm is not None:
             settings = with_vllm(settings, model, vllm[1])
-        host = "localhost" if settings.api.host in ("127.0.0.1", "0.0.0.0") else settings.api.host  # noqa: S104
-        base_url = f"http://{host}:{settings.api.port}/v1"
-        app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host=settings.api.host,
-            port=settings.api.port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-        _Server(config, banner(base_url, key, inference=vllm is not None)).run()
+        run_service(settings, key, inference=vllm is not None)
     except (KeyboardInterrupt, Stop):
         pass
     finally:

@@ -1,0 +1,5 @@
+import sys
+
+from kubetune_local.main import main
+
+sys.exit(main())
