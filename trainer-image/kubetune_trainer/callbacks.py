@@ -3,7 +3,9 @@
 - Every step's logs become one metrics event (validation values join the step they were
   computed at) and a results row; rank 0 also sets the Prometheus gauges.
 - Every saved checkpoint is uploaded by each node, committed by rank 0 (manifest last),
-  announced with a checkpoint event and pruned to the newest ``keep``.
+  announced with a checkpoint event and pruned to the newest ``keep``; each node then deletes
+  its older local copies (the Trainer's own rotation runs on rank 0 only, and DeepSpeed ranks
+  on every node write shards there).
 - SIGTERM sets a flag; at the end of the step every rank learns whether any rank got it, and
   then all of them save, commit and stop together.
 """
@@ -13,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,13 +25,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from kubetune.ids import new_checkpoint_id
 from kubetune.trainer_events import CheckpointEventData, StepMetrics, TrainerEventKind
-from kubetune_trainer.checkpoints import CheckpointStore, write_kubetune_state
-from kubetune_trainer.dist import Topology, any_rank, barrier
+from kubetune_trainer.checkpoints import file_digests, write_kubetune_state
+from kubetune_trainer.dist import all_gather_object, any_rank, barrier
 from kubetune_trainer.errors import RetryableError
-from kubetune_trainer.event_log import EventLog
 from kubetune_trainer.manifest import manifest
-from kubetune_trainer.results import Results
-from kubetune_trainer.telemetry import Exporter, memory_bytes, model_flops_utilization
+from kubetune_trainer.run import Run
+from kubetune_trainer.telemetry import memory_bytes, model_flops_utilization
 
 log = logging.getLogger(__name__)
 
@@ -43,35 +44,6 @@ _EXTRA_KEYS: Final = {
     "rewards/accuracies": "rewards_accuracies",
     "entropy": "entropy",
 }
-
-
-@dataclass
-class RunContext:
-    """What the callback needs to know about the run."""
-
-    topology: Topology
-    checkpoints: CheckpointStore
-    events: EventLog | None
-    exporter: Exporter | None
-    run_manifest: dict[str, Any]
-    n_params: int
-    results: Results = field(default_factory=Results)
-    base_eval: dict[str, float] | None = None
-
-
-class PreemptionFlag:
-    """Set by SIGTERM; read at step boundaries."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        """Handle SIGTERM from now on (the default handler would kill us mid-write)."""
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM received: checkpointing at the end of this step")
-        self.requested = True
 
 
 def _finite(value: Any) -> float | None:
@@ -107,12 +79,34 @@ def eval_summary(metrics: dict[str, Any] | None) -> dict[str, float] | None:
     return out
 
 
+def merge_digests(per_node: list[object]) -> dict[str, str | None]:
+    """One ``file → sha256`` map from every node's (ranks that uploaded nothing give an empty
+    one). A file two nodes uploaded with different contents — the store kept whichever came
+    last — is listed without a digest: present, but not verifiable.
+    """
+    merged: dict[str, str | None] = {}
+    for digests in per_node:
+        assert isinstance(digests, dict)
+        for name, digest in digests.items():
+            merged[name] = digest if merged.get(name, digest) == digest else None
+    return dict(sorted(merged.items()))
+
+
+def stale_checkpoints(output_dir: Path, step: int) -> list[Path]:
+    """The node's local checkpoint folders older than ``step`` (the object store has them)."""
+    stale = []
+    for folder in output_dir.glob("checkpoint-*"):
+        number = folder.name.removeprefix("checkpoint-")
+        if folder.is_dir() and number.isdigit() and int(number) < step:
+            stale.append(folder)
+    return sorted(stale)
+
+
 class KubetuneCallback(TrainerCallback):
     """Reports and checkpoints a run (see the module docstring)."""
 
-    def __init__(self, ctx: RunContext, flag: PreemptionFlag) -> None:
-        self.ctx = ctx
-        self.flag = flag
+    def __init__(self, run: Run) -> None:
+        self.run = run
         self.preempted = False
         self.last_metrics: StepMetrics | None = None
         self._pending: dict[str, Any] | None = None
@@ -131,9 +125,9 @@ class KubetuneCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         """Agree on preemption; a requested stop saves this step and ends training."""
-        if self._fault_step == state.global_step and self.ctx.topology.is_main:
+        if self._fault_step == state.global_step and self.run.topology.is_main:
             signal.raise_signal(signal.SIGTERM)
-        if any_rank(self.flag.requested):
+        if any_rank(self.run.flag.requested):
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
@@ -148,7 +142,7 @@ class KubetuneCallback(TrainerCallback):
         **kw: Any,
     ) -> None:
         """Turn the Trainer's logs into metrics events and results rows (rank 0)."""
-        if not self.ctx.topology.is_main or not logs:
+        if not self.run.topology.is_main or not logs:
             return
         if "eval_loss" in logs:
             self._on_eval(state, logs)
@@ -176,15 +170,15 @@ class KubetuneCallback(TrainerCallback):
             "memory_bytes": memory_bytes(),
         }
         if rate is not None:
-            data["mfu"] = model_flops_utilization(self.ctx.n_params, rate, args.world_size)
+            data["mfu"] = model_flops_utilization(self.run.n_params, rate, args.world_size)
         for key, name in _EXTRA_KEYS.items():
             if key in logs:
                 data[name] = _finite(logs[key])
         return data
 
     def _on_eval(self, state: TrainerState, logs: dict[str, float]) -> None:
-        if state.global_step == 0 and self.ctx.base_eval is None:  # eval_on_start: the base model
-            self.ctx.base_eval = eval_summary(logs)
+        if state.global_step == 0 and self.run.base_eval is None:  # eval_on_start: the base model
+            self.run.base_eval = eval_summary(logs)
         valid = {
             "valid_loss": _finite(logs.get("eval_loss")),
             "valid_mean_token_accuracy": _finite(logs.get("eval_mean_token_accuracy")),
@@ -200,11 +194,11 @@ class KubetuneCallback(TrainerCallback):
 
     def _emit_pending(self) -> None:
         data, self._pending = self._pending, None
-        if data is None or self.ctx.events is None:
+        if data is None or self.run.events is None:
             return
         metrics = StepMetrics.model_validate({k: v for k, v in data.items() if v is not None})
         self.last_metrics = metrics
-        self.ctx.results.update(
+        self.run.results.update(
             metrics.step,
             train_loss=metrics.train_loss,
             train_accuracy=metrics.train_mean_token_accuracy,
@@ -212,9 +206,9 @@ class KubetuneCallback(TrainerCallback):
             valid_mean_token_accuracy=metrics.valid_mean_token_accuracy,
         )
         shown = metrics.model_dump(exclude_none=True)
-        self.ctx.events.metrics(f"Step {metrics.step}/{metrics.total_steps}", shown)
-        if self.ctx.exporter is not None:
-            self.ctx.exporter.observe(shown)
+        self.run.events.metrics(f"Step {metrics.step}/{metrics.total_steps}", shown)
+        if self.run.exporter is not None:
+            self.run.exporter.observe(shown)
 
     def flush(self) -> None:
         """Emit the metrics still waiting for a possible validation at their step."""
@@ -235,71 +229,78 @@ class KubetuneCallback(TrainerCallback):
         local = Path(str(args.output_dir)) / f"checkpoint-{step}"
         self._emit_pending()
         failed = False
+        digests: dict[str, str] = {}
         try:
-            if self.ctx.topology.is_main:
+            if self.run.topology.is_main:
                 write_kubetune_state(
                     local,
                     {
-                        "results": self.ctx.results.upto(step).to_state(),
-                        "base_eval": self.ctx.base_eval,
+                        "results": self.run.results.upto(step).to_state(),
+                        "base_eval": self.run.base_eval,
                     },
                 )
             barrier()  # every rank has written its files
-            if self.ctx.topology.is_local_main:
-                self.ctx.checkpoints.upload_files(local, step)
+            if self.run.topology.is_local_main:
+                digests = file_digests(local)
+                self.run.checkpoints.upload_files(local, step)
         except Exception:
             log.exception("uploading checkpoint %s failed", step)
             failed = True
         if any_rank(failed):
             raise RetryableError(f"the checkpoint of step {step} could not be stored")
-        if self.ctx.topology.is_main:
-            self._commit(step)
+        files = merge_digests(all_gather_object(digests))  # every node's, for the manifest
+        if self.run.topology.is_main:
+            self._commit(step, files)
+        if self.run.topology.is_local_main:
+            for folder in stale_checkpoints(local.parent, step):
+                shutil.rmtree(folder, ignore_errors=True)
         barrier()  # nobody stops before the manifest is written
-        if any_rank(self.flag.requested):
+        if any_rank(self.run.flag.requested):
             self.preempted = True
             control.should_training_stop = True
 
-    def _commit(self, step: int) -> None:
+    def _commit(self, step: int, files: dict[str, str | None]) -> None:
         checkpoint_id = new_checkpoint_id()
         metrics = self.last_metrics
         body = manifest(
             "checkpoint",
-            self.ctx.run_manifest,
+            self.run.run_manifest,
             checkpoint_id=checkpoint_id,
             step=step,
             metrics=metrics.model_dump(exclude_none=True) if metrics else None,
             data_position=self._data_position(step),
+            files=files,
         )
-        self.ctx.checkpoints.commit(step, body)
+        self.run.checkpoints.commit(step, body)
         data = CheckpointEventData(
             checkpoint_id=checkpoint_id,
             step=step,
             created_at=body["created_at"],
-            prefix=self.ctx.checkpoints.prefix(step),
+            prefix=self.run.checkpoints.prefix(step),
             metrics=metrics,
         )
-        if self.ctx.events is not None:
-            self.ctx.events.message(
+        if self.run.events is not None:
+            self.run.events.message(
                 TrainerEventKind.CHECKPOINT,
                 f"Checkpoint saved at step {step}",
                 flush=True,
                 **data.model_dump(mode="json", exclude_none=True, exclude={"kind"}),
             )
-        if self.ctx.exporter is not None:
-            self.ctx.exporter.checkpoints.labels(self.ctx.checkpoints.job_id).inc()
-        keep = self.ctx.run_manifest["config"]["checkpointing"]["keep"]
-        self.ctx.checkpoints.prune(keep)
+        if self.run.exporter is not None:
+            self.run.exporter.checkpoints.labels(self.run.checkpoints.job_id).inc()
+        keep = self.run.run_manifest["config"]["checkpointing"]["keep"]
+        self.run.checkpoints.prune(keep)
 
     def _data_position(self, step: int) -> dict[str, Any]:
         """Where in the data the run is: the Trainer resumes by skipping this many batches of
         the sampler's order for the epoch (seeded by seed + epoch).
         """
-        config = self.ctx.run_manifest["config"]
+        config = self.run.run_manifest["config"]
         return {
             "global_step": step,
             "examples_seen": examples_seen(
                 step, config["hyperparameters"]["batch_size"], config["n_train_examples"]
             ),
             "sampler_seed": config["seed"],
-            "world_size": self.ctx.topology.world_size,
+            "world_size": self.run.topology.world_size,
         }

@@ -4,12 +4,15 @@ A checkpoint is the folder transformers' Trainer writes (adapter or model weight
 scheduler, ``rng_state_<rank>.pth`` of every rank, ``trainer_state.json`` with the global step)
 plus ``kubetune_state.json`` (results rows, base-model evaluation), uploaded to
 ``checkpoints/step-<n>/``. Every node uploads the files its ranks wrote; when all have, rank 0
-writes ``manifest.json``. A folder without a manifest is not a checkpoint: it is ignored on
-resume and deleted when pruning.
+writes ``manifest.json``, which lists every file with its sha256. A folder without a manifest is
+not a checkpoint: it is ignored on resume and deleted when pruning. A checkpoint whose files do
+not match its manifest (torn by a crash mid-upload, damaged in the store) is skipped on resume
+for the one before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -17,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from kubetune.objectstore import ObjectStore
 from kubetune.storage_layout import MANIFEST_NAME, StorageLayout, checkpoint_step_from_key
+from kubetune_runtime.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +66,24 @@ class CheckpointStore:
 
     def newest(self) -> CommittedCheckpoint | None:
         """The committed checkpoint with the highest step, if any."""
+        steps = self.committed_steps()
+        return self.load(steps[0]) if steps else None
+
+    def committed_steps(self) -> list[int]:
+        """The steps of committed checkpoints, newest first."""
         _, committed = self._steps()
-        if not committed:
-            return None
-        step = max(committed)
+        return sorted(committed, reverse=True)
+
+    def load(self, step: int) -> CommittedCheckpoint:
+        """The committed checkpoint of ``step`` (its manifest read)."""
         manifest = self.store.get_json(
             self.layout.checkpoint_manifest_key(self.org, self.job_id, step)
         )
         return CommittedCheckpoint(step=step, prefix=self.prefix(step), manifest=manifest)
+
+    def uncommit(self, step: int) -> None:
+        """Delete the manifest of ``step``: its files are leftovers that pruning removes."""
+        self.store.delete(self.layout.checkpoint_manifest_key(self.org, self.job_id, step))
 
     def upload_files(self, local_dir: Path, step: int) -> None:
         """Upload this node's files of the checkpoint at ``step`` (no manifest)."""
@@ -105,6 +118,35 @@ class CheckpointStore:
             self.store.delete(self.layout.checkpoint_manifest_key(self.org, self.job_id, step))
             self.store.delete_prefix(self.prefix(step))
         return doomed
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """``relative path → sha256`` of every file under ``folder``."""
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digests[path.relative_to(folder).as_posix()] = _sha256(path)
+    return digests
+
+
+def damaged_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files a downloaded checkpoint's manifest lists that are missing or differ (none for
+    a manifest that lists no files: one written before manifests had them).
+    """
+    damaged = []
+    for name, digest in sorted((manifest.get("files") or {}).items()):
+        path = folder / name
+        if digest is not None and (not path.is_file() or _sha256(path) != digest):
+            damaged.append(name)
+    return damaged
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_kubetune_state(folder: Path, state: dict[str, Any]) -> None:

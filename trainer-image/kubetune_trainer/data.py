@@ -1,8 +1,9 @@
 """Training data: read the JSONL the API accepted, and turn it into what the trainers consume.
 
-- Files are checked with the same validator the API uses (:func:`kubetune.datasets.validate_jsonl`)
-  and parsed with the same pydantic models, so a bad line is reported the same way (file, line,
-  JSON path) and ends the run with a user error.
+- Files are checked with the same validator the API uses
+  (:func:`kubetune_runtime.datasets.validate_jsonl`) and parsed with the same pydantic models,
+  so a bad line is reported the same way (file, line, JSON path) and ends the run with a user
+  error.
 - Chat examples are rendered with the base model's own chat template and tokenized piece by
   piece: the text before each assistant reply (up to and including the generation prompt) is
   tokenized as a prompt is at inference time, and each reply (with the end-of-turn tokens the
@@ -25,7 +26,8 @@ from typing import Any, Final
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from kubetune.datasets import (
+from kubetune.finetunejob import MethodType
+from kubetune_runtime.datasets import (
     ChatExample,
     ChatMessage,
     DatasetFormat,
@@ -36,7 +38,6 @@ from kubetune.datasets import (
     parse_example,
     validate_jsonl,
 )
-from kubetune.finetunejob import MethodType
 from kubetune_trainer.errors import UserError
 
 IGNORE_INDEX: Final = -100

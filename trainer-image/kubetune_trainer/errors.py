@@ -19,3 +19,14 @@ class UserError(Exception):
 
 class RetryableError(Exception):
     """A transient failure worth a restart (``exit_codes.RETRYABLE_ERROR``)."""
+
+
+class InfrastructureError(Exception):
+    """The node cannot run the job (no usable GPU): ends the run with
+    ``exit_codes.INTERNAL_ERROR`` (not retried) and an infrastructure error naming the cause.
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code

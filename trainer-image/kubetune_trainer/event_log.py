@@ -14,9 +14,9 @@ import time
 from typing import Any, Final
 
 from kubetune.events import EventLevel, EventType, JobEvent, encode_chunk
-from kubetune.objectstore import ObjectStore
 from kubetune.storage_layout import StorageLayout
 from kubetune.trainer_events import TrainerEventKind, message_data
+from kubetune_runtime.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,14 @@
-"""The image's entrypoint: the PyTorchJob environment in, torchrun in-process, our exit code out.
+"""The image's entrypoint: the training controller's environment in, torchrun in-process, our exit
+code out.
 
-The training-operator starts each pod with ``MASTER_ADDR``, ``MASTER_PORT``, ``PET_NNODES``,
-``PET_NODE_RANK`` and ``PET_NPROC_PER_NODE`` (and pod-level ``WORLD_SIZE``/``RANK``). This turns
-them into torchrun's arguments and runs torchrun's agent in this process, because torchrun
-itself exits 1 for any worker failure and for SIGTERM alike, and the PyTorchJob's
-``restartPolicy: ExitCode`` needs the worker's own code (65: do not retry, 143: retry).
+Kubeflow Trainer v2 starts each node's pod with ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
+``PET_NODE_RANK`` (the Job's completion index), ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT``; the
+training-operator 1.x with ``MASTER_ADDR``/``MASTER_PORT`` and the same ``PET_*`` counts (and
+pod-level ``WORLD_SIZE``/``RANK``). This turns either into torchrun's arguments and runs
+torchrun's agent in this process, because torchrun itself exits 1 for any worker failure and
+for SIGTERM alike, and the controller's failure policy (a PyTorchJob's ``restartPolicy:
+ExitCode``, a TrainJob's pod failure policy) needs the worker's own code (65: do not retry,
+143: retry).
 
 A one-process job skips torchrun and runs the trainer directly.
 
@@ -17,20 +21,51 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Final
 
+from kubetune.trainer_config import DEFAULT_STOP_GRACE_SECONDS
 from kubetune_trainer import exit_codes
 
 log = logging.getLogger("kubetune_trainer.launch")
 
 DEFAULT_MASTER_PORT: Final = "23456"
-# How long torchrun lets workers finish their checkpoint after SIGTERM before SIGKILL; keep the
-# pod's terminationGracePeriodSeconds above it.
-DEFAULT_SHUTDOWN_TIMEOUT: Final = "120"
+# What torchrun's agent keeps of the pod's grace period for itself after its workers' share:
+# forwarding SIGTERM, reaping the workers, and exiting with their code before the kubelet's
+# SIGKILL.
+AGENT_GRACE_SECONDS: Final = 15.0
 
 
-def torchrun_args(env: Mapping[str, str], trainer_args: Sequence[str]) -> list[str]:
-    """Torchrun's command line for this pod, from the PyTorchJob environment."""
+def shutdown_timeout(stop_grace_seconds: float) -> int:
+    """How long torchrun lets workers commit their checkpoint after SIGTERM before SIGKILL, in
+    whole seconds (torchrun's unit): the pod's grace period but the agent's share (half of it
+    when the period is short).
+    """
+    return max(1, int(max(stop_grace_seconds - AGENT_GRACE_SECONDS, stop_grace_seconds / 2)))
+
+
+def stop_grace_seconds(trainer_args: Sequence[str]) -> float:
+    """The pod's grace period, from the trainer config named by ``--config`` (its default when
+    the config cannot be read: the trainer itself then reports why).
+    """
+    from kubetune.trainer_config import DEFAULT_STOP_GRACE_SECONDS, TrainerConfig
+
+    args = list(trainer_args)
+    try:
+        path = Path(args[args.index("--config") + 1])
+        return TrainerConfig.model_validate_json(path.read_text()).stop_grace_seconds
+    except (ValueError, IndexError, OSError):
+        return DEFAULT_STOP_GRACE_SECONDS
+
+
+def torchrun_args(
+    env: Mapping[str, str],
+    trainer_args: Sequence[str],
+    grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+) -> list[str]:
+    """Torchrun's command line for this pod, from the PyTorchJob or TrainJob environment and
+    the pod's grace period after SIGTERM.
+    """
     return [
         "--nnodes",
         env.get("PET_NNODES", "1"),
@@ -39,13 +74,13 @@ def torchrun_args(env: Mapping[str, str], trainer_args: Sequence[str]) -> list[s
         "--nproc_per_node",
         env.get("PET_NPROC_PER_NODE", "1"),
         "--master_addr",
-        env.get("MASTER_ADDR", "127.0.0.1"),
+        env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", "127.0.0.1"),
         "--master_port",
-        env.get("MASTER_PORT", DEFAULT_MASTER_PORT),
+        env.get("PET_MASTER_PORT") or env.get("MASTER_PORT", DEFAULT_MASTER_PORT),
         "--max_restarts",
         "0",  # the PyTorchJob restarts pods; a restart resumes from the store
         "--shutdown-timeout",
-        env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+        str(shutdown_timeout(grace_seconds)),
         "-m",
         "kubetune_trainer",
         *trainer_args,
@@ -85,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     try:
-        run(parse_args(torchrun_args(os.environ, trainer_args)))  # type: ignore[no-untyped-call]
+        grace = stop_grace_seconds(trainer_args)
+        run(parse_args(torchrun_args(os.environ, trainer_args, grace)))  # type: ignore[no-untyped-call]
     except ChildFailedError as exc:
         return exit_code_for([failure.exitcode for failure in exc.failures.values()])
     except SignalException as exc:

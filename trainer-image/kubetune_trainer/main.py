@@ -14,22 +14,19 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from pydantic import ValidationError
 
 from kubetune.events import EventLevel
-from kubetune.finetunejob import MethodType
-from kubetune.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError, open_object_store
-from kubetune.trainer_config import TrainerConfig, is_adapter
+from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind
+from kubetune_runtime.objectstore import ObjectStoreError
 from kubetune_trainer import exit_codes
-from kubetune_trainer.callbacks import PreemptionFlag
-from kubetune_trainer.checkpoints import CheckpointStore, CommittedCheckpoint, read_kubetune_state
-from kubetune_trainer.dist import Topology, barrier, broadcast_object, init_process_group
-from kubetune_trainer.errors import RetryableError, UserError
+from kubetune_trainer.dist import Topology, barrier, init_process_group
+from kubetune_trainer.errors import InfrastructureError, RetryableError, UserError
 from kubetune_trainer.event_log import EventLog
-from kubetune_trainer.results import Results
+from kubetune_trainer.run import Run
 from kubetune_trainer.telemetry import Exporter
 
 log = logging.getLogger("kubetune_trainer")
@@ -64,135 +61,88 @@ def is_transient(exc: BaseException) -> bool:
     return module.startswith(_TRANSIENT_MODULES)
 
 
-class Run:
-    """One attempt at a job; :meth:`execute` returns the exit code."""
-
-    def __init__(self, config: TrainerConfig, topology: Topology, workdir: Path) -> None:
-        self.config = config
-        self.topology = topology
-        self.workdir = workdir
-        self.store: ObjectStore = open_object_store(config.object_store)
-        self.layout = config.object_store.layout()
-        self.events: EventLog | None = None
-        self.exporter: Exporter | None = None
-        self.flag = PreemptionFlag()
-        self.outcome: dict[str, Any] = {}
-
-    # -- the whole attempt -----------------------------------------------------------------
-    def execute(self) -> int:
-        """Train, mapping failures to exit codes and error events."""
-        try:
-            if self.topology.is_main:
-                self.events = EventLog(
-                    self.store,
-                    self.layout,
-                    self.config.org,
-                    self.config.job_id,
-                    flush_seconds=self.config.event_flush_seconds,
-                )
-            return self._execute()
-        except UserError as exc:
-            self._error(exc.message, code=exc.code, param=exc.param)
-            return exit_codes.USER_ERROR
-        except Exception as exc:
-            if is_transient(exc):
-                log.exception("transient failure")
-                self._error(f"Transient failure, the job will be retried: {exc}", code="retryable")
-                return exit_codes.RETRYABLE_ERROR
-            log.exception("training failed")
-            self._error(f"Internal error: {type(exc).__name__}: {exc}", code="internal_error")
-            return exit_codes.INTERNAL_ERROR
-        finally:
-            if self.events is not None:
-                self.events.close()
-            if self.exporter is not None:
-                self.exporter.close()
-
-    def _error(self, message: str, *, code: str, param: str | None = None) -> None:
-        log.error("%s", message)
-        if self.events is not None:
-            self.events.message(
-                TrainerEventKind.ERROR,
-                message,
-                level=EventLevel.ERROR,
-                flush=True,
-                code=code,
-                param=param,
-                user_error=code not in ("retryable", "internal_error"),
+def execute(run: Run) -> int:
+    """Train, mapping failures to exit codes and error events."""
+    try:
+        if run.topology.is_main:
+            run.events = EventLog(
+                run.store,
+                run.layout,
+                run.config.org,
+                run.config.job_id,
+                flush_seconds=run.config.event_flush_seconds,
             )
+        return _execute(run)
+    except UserError as exc:
+        _error(run, exc.message, code=exc.code, param=exc.param)
+        return exit_codes.USER_ERROR
+    except InfrastructureError as exc:
+        _error(run, exc.message, code=exc.code, user_error=False)
+        return exit_codes.INTERNAL_ERROR
+    except Exception as exc:
+        if is_transient(exc):
+            log.exception("transient failure")
+            _error(run, f"Transient failure, the job will be retried: {exc}", code="retryable")
+            return exit_codes.RETRYABLE_ERROR
+        log.exception("training failed")
+        _error(run, f"Internal error: {type(exc).__name__}: {exc}", code="internal_error")
+        return exit_codes.INTERNAL_ERROR
+    finally:
+        if run.events is not None:
+            run.events.close()
+        if run.exporter is not None:
+            run.exporter.close()
 
-    def _execute(self) -> int:
-        self.flag.install()
-        if self.topology.world_size > 1:
-            init_process_group()
-        if self.store.exists(self.layout.adapter_manifest_key(self.config.org, self.config.job_id)):
-            self.message(TrainerEventKind.COMPLETED, "The adapter is already stored; nothing to do")
-            return exit_codes.SUCCESS
-        self._prepare_workdir()
-        if self.topology.is_main and self.config.metrics_port is not None:
-            self.exporter = Exporter(self.config.job_id)
-            self.outcome["metrics_port"] = self.exporter.serve(self.config.metrics_port)
-        from kubetune_trainer.training import train  # torch-heavy: imported once needed
 
-        return train(self)
+def _error(
+    run: Run,
+    message: str,
+    *,
+    code: str,
+    param: str | None = None,
+    user_error: bool | None = None,
+) -> None:
+    log.error("%s", message)
+    if user_error is None:
+        user_error = code not in ("retryable", "internal_error")
+    if run.events is not None:
+        run.events.message(
+            TrainerEventKind.ERROR,
+            message,
+            level=EventLevel.ERROR,
+            flush=True,
+            code=code,
+            param=param,
+            user_error=user_error,
+        )
 
-    def _prepare_workdir(self) -> None:
-        if self.topology.is_local_main:
-            shutil.rmtree(self.workdir / "checkpoints", ignore_errors=True)
-            self.workdir.mkdir(parents=True, exist_ok=True)
-        barrier()
 
-    # -- helpers the training module uses --------------------------------------------------
-    def message(self, kind: TrainerEventKind, message: str, **data: Any) -> None:
-        """A message event of ``kind`` (rank 0)."""
-        if self.events is not None:
-            self.events.message(kind, message, **data)
+def _execute(run: Run) -> int:
+    run.flag.install()
+    from kubetune_trainer.device import cuda_diagnosis, plan_device  # torch: imported late
 
-    def warn(self, message: str, **data: Any) -> None:
-        """A warning event (rank 0)."""
-        if self.events is not None:
-            self.events.message(TrainerEventKind.WARNING, message, level=EventLevel.WARN, **data)
+    run.device = plan_device(run.config)  # before any download: a node without CUDA stops now
+    if run.config.resources.gpus_per_node and not run.device.cuda:
+        run.warn(f"No usable CUDA device: training on the CPU ({cuda_diagnosis()})")
+    if run.topology.distributed:
+        init_process_group(run.config.collective_timeout_seconds, cuda=run.device.cuda)
+    if run.store.exists(run.layout.adapter_manifest_key(run.config.org, run.config.job_id)):
+        run.message(TrainerEventKind.COMPLETED, "The adapter is already stored; nothing to do")
+        return exit_codes.SUCCESS
+    _prepare_workdir(run)
+    if run.topology.is_main and run.config.metrics_port is not None:
+        run.exporter = Exporter(run.config.job_id)
+        run.outcome["metrics_port"] = run.exporter.serve(run.config.metrics_port)
+    from kubetune_trainer.training import train  # torch-heavy: imported once needed
 
-    def read_file(self, file_id: str, param: str) -> bytes:
-        """The bytes of an uploaded file; a missing one is the user's error."""
-        try:
-            return self.store.get_bytes(self.layout.file_key(self.config.org, file_id))
-        except ObjectNotFound:
-            raise UserError(
-                f"{param} {file_id} does not exist", code="invalid_file", param=param
-            ) from None
+    return train(run)
 
-    def checkpoint_store(self) -> CheckpointStore:
-        """The checkpoints of this job."""
-        return CheckpointStore(self.store, self.layout, self.config.org, self.config.job_id)
 
-    def newest_checkpoint(self) -> CommittedCheckpoint | None:
-        """The checkpoint to resume from, the same on every rank."""
-        found = self.checkpoint_store().newest() if self.topology.is_main else None
-        result = broadcast_object(found)
-        assert result is None or isinstance(result, CommittedCheckpoint)
-        return result
-
-    def fetch_checkpoint(self, checkpoint: CommittedCheckpoint) -> tuple[Path, dict[str, Any]]:
-        """Download the checkpoint on each node; return its folder and kubetune's state."""
-        folder = self.workdir / "checkpoints"
-        if self.topology.is_local_main:
-            path = self.checkpoint_store().download(checkpoint, folder)
-        barrier()
-        path = folder / f"checkpoint-{checkpoint.step}"
-        return path, read_kubetune_state(path)
-
-    def restore(self, state: dict[str, Any]) -> tuple[Results, dict[str, float] | None]:
-        """Results rows and the base model's evaluation kept in a checkpoint."""
-        return Results.from_state(state.get("results", [])), state.get("base_eval")
-
-    def is_dpo(self) -> bool:
-        """Whether this run is DPO."""
-        return self.config.method is MethodType.DPO
-
-    def is_adapter(self) -> bool:
-        """Whether this run trains a LoRA adapter."""
-        return is_adapter(self.config)
+def _prepare_workdir(run: Run) -> None:
+    if run.topology.is_local_main:
+        shutil.rmtree(run.workdir / "checkpoints", ignore_errors=True)
+        run.workdir.mkdir(parents=True, exist_ok=True)
+    barrier()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot read the trainer config %s: %s", args.config, exc)
         return exit_codes.INTERNAL_ERROR
     topology = Topology.from_env()
-    return Run(config, topology, default_workdir(config, topology)).execute()
+    return execute(Run(config, topology, default_workdir(config, topology)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from typing import Any, Final
 
@@ -17,10 +18,10 @@ PACKAGES: Final = ("torch", "transformers", "trl", "peft", "accelerate", "datase
 MANIFEST_VERSION: Final = 1
 
 
-def versions() -> dict[str, str | None]:
-    """Installed versions of the training stack (None where a package is missing)."""
+def versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """Python's and ``packages``' installed versions (None where a package is missing)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

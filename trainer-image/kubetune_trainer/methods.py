@@ -6,7 +6,13 @@
   builds a block-diagonal causal mask from them, so no example attends to another.
 - DPO: TRL's DPOTrainer on conversational preference rows, with ``beta``; with LoRA the
   reference model is the base model (the adapter disabled), so no second copy is loaded.
-- Strategies: DDP under torchrun; FSDP and DeepSpeed ZeRO-2/3 through accelerate on CUDA.
+- Strategies: DDP under torchrun; FSDP and DeepSpeed ZeRO-2/3 through accelerate on CUDA,
+  when the processes form a process group (one process launched without torchrun has nothing
+  to shard and trains without them). These arguments exist before the model is loaded, so
+  ZeRO-3 partitions it as it is built and FSDP loads it on rank 0 only.
+- Precision: autocast in the device's bf16/fp16 over fp32 trained weights (see
+  :mod:`kubetune_trainer.device`); a micro-batch holds no more tokens than the GPU has room for
+  the logits of (``tokens x vocabulary`` floats).
 
 The global batch is split as ``batch_size = world_size * micro_batch * accumulation`` and each
 micro-batch's dropout masks are drawn from a generator seeded by (seed, global micro-batch
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from trl.trainer.dpo_config import DPOConfig
@@ -29,8 +36,12 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from kubetune.finetunejob import IntegrationType, Strategy
 from kubetune.trainer_config import TrainerConfig
+from kubetune_trainer.device import CPU, Device
 from kubetune_trainer.errors import UserError
-from kubetune_trainer.model import use_cuda
+
+# The share of a GPU's memory a micro-batch's logits may take, and their bytes per entry.
+LOGITS_MEMORY_SHARE: Final = 0.25
+LOGIT_BYTES: Final = 10
 
 
 def split_batch(batch_size: int, world_size: int, micro_batch_size: int) -> tuple[int, int]:
@@ -49,15 +60,50 @@ def split_batch(batch_size: int, world_size: int, micro_batch_size: int) -> tupl
     return per_rank // accumulation, accumulation
 
 
-def _strategy_args(config: TrainerConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Hardware:
+    """What a run's processes train on: how many, whether they form a process group, the
+    device, and the model's vocabulary (whose logits bound a micro-batch on a GPU).
+    """
+
+    world_size: int = 1
+    distributed: bool = False
+    device: Device = CPU
+    vocab_size: int | None = None
+
+
+def micro_batch_cap(hardware: Hardware, max_seq_length: int) -> int | None:
+    """Most examples of ``max_seq_length`` tokens a micro-batch may hold on this GPU: the
+    logits (bf16, their fp32 copy and its gradient: 10 bytes per token and vocabulary entry)
+    take at most a quarter of its memory. None: no cap (the CPU, or an unknown vocabulary).
+    """
+    device = hardware.device
+    if not device.cuda or device.memory_bytes is None or not hardware.vocab_size:
+        return None
+    tokens = device.memory_bytes * LOGITS_MEMORY_SHARE // (hardware.vocab_size * LOGIT_BYTES)
+    return max(1, int(tokens) // max_seq_length)
+
+
+def shards(config: TrainerConfig, hardware: Hardware) -> bool:
+    """Whether the config's FSDP / DeepSpeed strategy applies: on CUDA, in a process group."""
+    return config.strategy is not Strategy.DDP and hardware.device.cuda and hardware.distributed
+
+
+def _strategy_args(config: TrainerConfig, hardware: Hardware) -> dict[str, Any]:
     """FSDP / DeepSpeed settings; DDP (the Trainer's default under torchrun) needs none."""
-    if not use_cuda(config) or config.strategy is Strategy.DDP:
+    if not shards(config, hardware):
         return {}
     if config.strategy is Strategy.FSDP:
         return {
             "fsdp": "full_shard auto_wrap",
-            # Full state dicts: the final save must be one servable file, not shards.
-            "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT"},
+            "fsdp_config": {
+                "version": 2,
+                # Full state dicts: the final save must be one servable file, not shards.
+                "state_dict_type": "FULL_STATE_DICT",
+                # Rank 0 reads the weights, the others get their shards from it.
+                "cpu_ram_efficient_loading": True,
+                "activation_checkpointing": True,
+            },
         }
     stage = 3 if config.strategy is Strategy.DEEPSPEED_ZERO3 else 2
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
@@ -66,6 +112,7 @@ def _strategy_args(config: TrainerConfig) -> dict[str, Any]:
     return {
         "deepspeed": {
             "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
             "zero_optimization": zero,
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
@@ -80,12 +127,17 @@ def _report_to(config: TrainerConfig) -> list[str]:
     return [names[i.type] for i in config.integrations]
 
 
-def common_args(config: TrainerConfig, output_dir: Path, world_size: int) -> dict[str, Any]:
+def common_args(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> dict[str, Any]:
     """TrainingArguments shared by every method."""
     hp = config.hyperparameters
-    micro, accumulation = split_batch(hp.batch_size, world_size, hp.micro_batch_size)
+    micro = hp.micro_batch_size
+    cap = micro_batch_cap(hardware, config.max_seq_length)
+    if cap is not None:
+        micro = min(micro, cap)
+    micro, accumulation = split_batch(hp.batch_size, hardware.world_size, micro)
     n_evals = config.n_evals
-    cuda = use_cuda(config)
+    device = hardware.device
+    strategy = _strategy_args(config, hardware)
     return {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": micro,
@@ -106,9 +158,12 @@ def common_args(config: TrainerConfig, output_dir: Path, world_size: int) -> dic
         "save_total_limit": 1,  # local copies only: the object store keeps `keep` of them
         "eval_strategy": "steps" if n_evals else "no",
         "eval_steps": max(1, config.total_steps // n_evals) if n_evals else None,
-        "bf16": cuda,
-        "use_cpu": not cuda,
-        "gradient_checkpointing": cuda,
+        "bf16": device.precision == "bf16",
+        "fp16": device.precision == "fp16",
+        "use_cpu": not device.cuda,
+        # On GPU; FSDP checkpoints inside its own wrapping instead (no redundant all-gather).
+        "activation_checkpointing": device.cuda and "fsdp" not in strategy,
+        "ddp_timeout": config.collective_timeout_seconds,
         "dataloader_num_workers": 0,
         "include_num_input_tokens_seen": "non_padding",
         "ddp_find_unused_parameters": False,
@@ -116,7 +171,7 @@ def common_args(config: TrainerConfig, output_dir: Path, world_size: int) -> dic
         "run_name": _run_name(config),
         "disable_tqdm": True,
         "save_only_model": False,
-        **_strategy_args(config),
+        **strategy,
     }
 
 
@@ -129,10 +184,10 @@ def _run_name(config: TrainerConfig) -> str:
     return config.job_id
 
 
-def sft_config(config: TrainerConfig, output_dir: Path, world_size: int) -> SFTConfig:
+def sft_config(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> SFTConfig:
     """The supervised run's TRL config: our labels as given, packed (padding-free) batches."""
     return SFTConfig(
-        **common_args(config, output_dir, world_size),
+        **common_args(config, output_dir, hardware),
         max_length=None,  # examples are already truncated, with a warning event
         padding_free=True,
         packing=False,
@@ -141,11 +196,11 @@ def sft_config(config: TrainerConfig, output_dir: Path, world_size: int) -> SFTC
     )
 
 
-def dpo_config(config: TrainerConfig, output_dir: Path, world_size: int) -> DPOConfig:
+def dpo_config(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> DPOConfig:
     """The DPO run's TRL config."""
     assert config.hyperparameters.beta is not None
     return DPOConfig(
-        **common_args(config, output_dir, world_size),
+        **common_args(config, output_dir, hardware),
         beta=config.hyperparameters.beta,
         max_length=config.max_seq_length,
         truncation_mode="keep_start",
@@ -185,9 +240,42 @@ class SeededMicroBatches:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
 
-class KubetuneSFTTrainer(SeededMicroBatches, SFTTrainer):
-    """TRL's SFTTrainer with per-micro-batch dropout seeds."""
+class AdapterSaves:
+    """Trainer mixin: under DeepSpeed ZeRO-0/1/2 an adapter is saved from the live model.
+
+    Every rank holds every weight whole below ZeRO-3, so the main process's PEFT model picks
+    its adapter's tensors out itself; the Trainer's default would first have accelerate copy
+    the whole model's state dict to CPU memory on every rank, at every checkpoint.
+    """
+
+    args: Any
+    model: Any
+    is_deepspeed_enabled: bool
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save an adapter without gathering the model; anything else as the Trainer does."""
+        if self.is_deepspeed_enabled and _is_peft(self.model) and deepspeed_stage(self.args) < 3:
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir)  # type: ignore[attr-defined]
+            return
+        super().save_model(output_dir, _internal_call)  # type: ignore[misc]
 
 
-class KubetuneDPOTrainer(SeededMicroBatches, DPOTrainer):
-    """TRL's DPOTrainer with per-micro-batch dropout seeds."""
+def deepspeed_stage(args: Any) -> int:
+    """The ZeRO stage of a run's DeepSpeed config (0 without one)."""
+    config = args.deepspeed if isinstance(args.deepspeed, dict) else {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+class KubetuneSFTTrainer(AdapterSaves, SeededMicroBatches, SFTTrainer):
+    """TRL's SFTTrainer with per-micro-batch dropout seeds and cheap adapter saves."""
+
+
+class KubetuneDPOTrainer(AdapterSaves, SeededMicroBatches, DPOTrainer):
+    """TRL's DPOTrainer with per-micro-batch dropout seeds and cheap adapter saves."""

@@ -1,44 +1,50 @@
 """The base model: where its files are, how it is loaded, and the adapter put on it.
 
-bf16 on CUDA, fp32 on CPU. QLoRA loads the base in 4-bit NF4 through bitsandbytes, which is
-imported only on CUDA (it is not installed in CPU environments: the ``gpu`` extra).
+The dtypes and the attention kernel come from the run's :class:`~kubetune_trainer.device.Device`.
+QLoRA loads the base in 4-bit NF4 through bitsandbytes, which is imported only on CUDA (it is
+not installed in CPU environments: the ``gpu`` extra); its 4-bit weights are stored in the
+compute dtype, so FSDP and ZeRO-3 can shard them like every other weight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from kubetune.finetunejob import AdapterType
-from kubetune.objectstore import ObjectStore
 from kubetune.trainer_config import TrainerConfig
+from kubetune_runtime.objectstore import ObjectStore
+from kubetune_trainer.device import Device, weights_dtype
 from kubetune_trainer.dist import Topology, local_main_first
 from kubetune_trainer.errors import UserError
 
-
-def use_cuda(config: TrainerConfig) -> bool:
-    """Train on CUDA when the job asked for GPUs and this process sees one."""
-    return config.resources.gpus_per_node > 0 and torch.cuda.is_available()
+log = logging.getLogger(__name__)
 
 
 def fetch_base_model(
     config: TrainerConfig, store: ObjectStore, topology: Topology, workdir: Path
 ) -> Path:
-    """A local folder with the base model's files (downloaded once per node if in the store)."""
+    """A local folder with the base model's files: its own folder, or downloaded from the store
+    once per node — into the shared cache volume when there is one, where restarts and later
+    jobs find it.
+    """
     source = config.base_model
     if source.path is not None:
         folder = Path(source.path)
     else:
         assert source.store_prefix is not None
-        folder = workdir / "base-model"
+        folder = _download_folder(source.store_prefix, source.cache_dir, workdir)
         with local_main_first(topology):
-            if topology.is_local_main and not (folder / "config.json").is_file():
-                store.download_prefix(source.store_prefix, folder)
+            if topology.is_local_main:
+                _download_once(store, source.store_prefix, folder, source.name)
     if not (folder / "config.json").is_file():
         raise UserError(
             f"The weights of model {source.name} were not found (no config.json in "
@@ -47,6 +53,35 @@ def fetch_base_model(
             param="model",
         )
     return folder
+
+
+def _download_folder(prefix: str, cache_dir: str | None, workdir: Path) -> Path:
+    if cache_dir is None:
+        return workdir / "base-model"
+    # One folder per store location: two catalogue entries never share a cached copy.
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{Path(prefix.rstrip('/')).name}-{digest}"
+
+
+def _download_once(store: ObjectStore, prefix: str, folder: Path, name: str) -> None:
+    """Download the weights into ``folder`` unless they are there. Into a folder of its own
+    first, renamed into place when complete: a download cut short (preemption) leaves no
+    half-written model, and of two nodes downloading into a shared volume at once, one wins.
+    """
+    if (folder / "config.json").is_file():
+        log.info("base model %s: found in %s, not downloaded again", name, folder)
+        return
+    log.info("base model %s: downloading from the object store into %s", name, folder)
+    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.partial")
+    try:
+        store.download_prefix(prefix, partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another node finished first: keep its copy
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_tokenizer(folder: Path, config: TrainerConfig) -> PreTrainedTokenizerBase:
@@ -71,10 +106,11 @@ def load_tokenizer(folder: Path, config: TrainerConfig) -> PreTrainedTokenizerBa
     return tokenizer
 
 
-def _quantization(config: TrainerConfig) -> Any:
+def quantization(config: TrainerConfig, device: Device) -> Any:
+    """The 4-bit quantization of a QLoRA base (None for other adapters)."""
     if config.adapter.type is not AdapterType.QLORA:
         return None
-    if not use_cuda(config):
+    if not device.cuda:
         raise UserError(
             "QLoRA needs a CUDA GPU (its 4-bit kernels are CUDA-only)",
             code="invalid_adapter",
@@ -86,20 +122,23 @@ def _quantization(config: TrainerConfig) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=device.compute_dtype,
+        # Packed 4-bit weights in the compute dtype: FSDP and ZeRO-3 shard tensors of one dtype.
+        bnb_4bit_quant_storage=device.compute_dtype,
     )
 
 
-def load_model(folder: Path, config: TrainerConfig) -> Any:
-    """The base model, in the precision this device trains in."""
-    cuda = use_cuda(config)
+def load_model(folder: Path, config: TrainerConfig, device: Device) -> Any:
+    """The base model, in the dtype its weights train or stay frozen in (see
+    :func:`~kubetune_trainer.device.weights_dtype`), with the device's attention kernel.
+    """
     kwargs: dict[str, Any] = {
-        "dtype": torch.bfloat16 if cuda else torch.float32,
-        "attn_implementation": "sdpa",
+        "dtype": weights_dtype(config, device),
+        "attn_implementation": device.attention,
     }
-    quantization = _quantization(config)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
+    quantization_config = quantization(config, device)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from kubetune.finetunejob import Strategy
 from kubetune.trainer_events import TrainerEventKind
 from kubetune_trainer import exit_codes
-from kubetune_trainer.callbacks import KubetuneCallback, RunContext, eval_summary
+from kubetune_trainer.callbacks import KubetuneCallback, eval_summary
 from kubetune_trainer.checkpoints import CommittedCheckpoint
 from kubetune_trainer.data import (
     ChatRenderer,
@@ -26,10 +30,12 @@ from kubetune_trainer.dist import barrier
 from kubetune_trainer.errors import UserError
 from kubetune_trainer.manifest import manifest, run_manifest
 from kubetune_trainer.methods import (
+    Hardware,
     KubetuneDPOTrainer,
     KubetuneSFTTrainer,
     dpo_config,
     sft_config,
+    shards,
 )
 from kubetune_trainer.model import (
     fetch_base_model,
@@ -39,10 +45,8 @@ from kubetune_trainer.model import (
     lora_config,
 )
 from kubetune_trainer.results import Results
+from kubetune_trainer.run import Run
 from kubetune_trainer.tracking import configure_tracking
-
-if TYPE_CHECKING:
-    from kubetune_trainer.main import Run
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +97,53 @@ def _warn_dpo_truncation(run: Run, trainer: Trainer, n_rows: int, file_id: str) 
         )
 
 
+def training_args(run: Run, folder: Path) -> TrainingArguments:
+    """The method's TRL config for this run's hardware. Built before the model is loaded: its
+    DeepSpeed ZeRO-3 config makes ``from_pretrained`` partition the weights as it builds them,
+    and FSDP's loads them on rank 0 only (the other ranks get their shards from it).
+    """
+    hardware = Hardware(
+        world_size=run.topology.world_size,
+        distributed=run.topology.distributed,
+        device=run.device,
+        vocab_size=vocab_size(folder),
+    )
+    output_dir = run.workdir / "checkpoints"
+    builder = dpo_config if run.is_dpo() else sft_config
+    args = builder(run.config, output_dir, hardware)
+    if run.config.strategy is not Strategy.DDP and not shards(run.config, hardware):
+        run.warn(
+            f"Strategy {run.config.strategy.value} shards a model over several CUDA processes; "
+            "this run is one process (or on the CPU) and trains without it"
+        )
+    if args.fsdp:
+        from accelerate.utils import enable_fsdp_ram_efficient_loading
+
+        enable_fsdp_ram_efficient_loading()  # what `accelerate launch` would have set
+    return args
+
+
+def vocab_size(folder: Path) -> int | None:
+    """The vocabulary of the model in ``folder`` (None if its config does not say)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return int(size) if size else None
+
+
 def _build_trainer(
     run: Run,
+    args: TrainingArguments,
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     datasets: tuple[Dataset, Dataset | None],
     callback: KubetuneCallback,
 ) -> Trainer:
-    output_dir = run.workdir / "checkpoints"
-    world = run.topology.world_size
     common: dict[str, Any] = {
         "model": model,
+        "args": args,
         "train_dataset": datasets[0],
         "eval_dataset": datasets[1],
         "processing_class": tokenizer,
@@ -111,8 +151,8 @@ def _build_trainer(
         "peft_config": lora_config(run.config),
     }
     if run.is_dpo():
-        return KubetuneDPOTrainer(args=dpo_config(run.config, output_dir, world), **common)
-    return KubetuneSFTTrainer(args=sft_config(run.config, output_dir, world), **common)
+        return KubetuneDPOTrainer(**common)
+    return KubetuneSFTTrainer(**common)
 
 
 def _evaluate(trainer: Trainer, callback: KubetuneCallback) -> dict[str, float]:
@@ -137,45 +177,59 @@ def train(run: Run) -> int:
         _dataset(run, train_file, tokenizer),
         _dataset(run, valid_file, tokenizer) if valid_file is not None else None,
     )
-    checkpoint = run.newest_checkpoint()
-    resume_from, results, base_eval = _resume_state(run, checkpoint)
-    model = load_model(folder, config)
-    ctx = RunContext(
-        topology=topology,
-        checkpoints=run.checkpoint_store(),
-        events=run.events,
-        exporter=run.exporter,
-        run_manifest=run_manifest(config, data_sha, world_size=topology.world_size),
-        n_params=sum(p.numel() for p in model.parameters()),
-        results=results,
-        base_eval=base_eval,
-    )
-    callback = KubetuneCallback(ctx, run.flag)
+    point = run.resume_point()
+    checkpoint = point[0] if point else None
+    resume_from, results, base_eval = _resume_state(run, point)
+    args = training_args(run, folder)
+    model = load_model(folder, config, run.device)
+    run.run_manifest = run_manifest(config, data_sha, world_size=topology.world_size)
+    run.n_params = sum(p.numel() for p in model.parameters())
+    run.results, run.base_eval = results, base_eval
+    callback = KubetuneCallback(run)
     configure_tracking(config, run.workdir)
-    trainer = _build_trainer(run, model, tokenizer, datasets, callback)
+    trainer = _build_trainer(run, args, model, tokenizer, datasets, callback)
     if run.is_dpo():
         _warn_dpo_truncation(run, trainer, len(datasets[0]), train_file.file_id)
     _announce(run, checkpoint, trainer)
     # The base model's validation runs inside train() (eval_on_start), after the model is
     # wrapped for DDP: evaluating before train() would leave it unwrapped (never synced).
     trainer.args.eval_on_start = checkpoint is None and datasets[1] is not None
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with out_of_memory_as_user_error(run, trainer):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     callback.flush()
     if callback.preempted:
         step = trainer.state.global_step
         run.message(TrainerEventKind.PREEMPTED, f"Stopped at step {step} after SIGTERM", step=step)
         return exit_codes.PREEMPTED
-    _finish(run, trainer, callback, ctx, datasets[1] is not None)
+    _finish(run, trainer, callback, datasets[1] is not None)
     return exit_codes.SUCCESS
 
 
+@contextmanager
+def out_of_memory_as_user_error(run: Run, trainer: Trainer) -> Iterator[None]:
+    """An out-of-memory error in training becomes the user's, naming what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        args = trainer.args
+        raise UserError(
+            f"Out of GPU memory at step {trainer.state.global_step + 1} with micro-batches of "
+            f"{args.per_device_train_batch_size} example(s) of up to "
+            f"{run.config.max_seq_length} tokens: lower hyperparameters.max_seq_length, use "
+            "qlora or a sharding strategy (fsdp, deepspeed_zero3), or give the job more GPUs. "
+            f"({str(exc).splitlines()[0] if str(exc) else 'CUDA out of memory'})",
+            code="out_of_memory",
+            param="hyperparameters.max_seq_length",
+        ) from exc
+
+
 def _resume_state(
-    run: Run, checkpoint: CommittedCheckpoint | None
+    run: Run, point: tuple[CommittedCheckpoint, Path] | None
 ) -> tuple[Path | None, Results, dict[str, float] | None]:
-    if checkpoint is None:
+    if point is None:
         return None, Results(), None
-    path, state = run.fetch_checkpoint(checkpoint)
-    results, base_eval = run.restore(state)
+    path = point[1]
+    results, base_eval = run.restore(path)
     return path, results, base_eval
 
 
@@ -201,9 +255,7 @@ def _announce(run: Run, checkpoint: CommittedCheckpoint | None, trainer: Trainer
     )
 
 
-def _finish(
-    run: Run, trainer: Trainer, callback: KubetuneCallback, ctx: RunContext, has_valid: bool
-) -> None:
+def _finish(run: Run, trainer: Trainer, callback: KubetuneCallback, has_valid: bool) -> None:
     step = trainer.state.global_step
     final = None
     if has_valid:
@@ -219,15 +271,15 @@ def _finish(
         final = eval_summary(last_eval) if last_eval else eval_summary(_evaluate(trainer, callback))
         run.message(
             TrainerEventKind.EVALUATION,
-            _comparison_text(ctx.base_eval, final),
-            base_model=ctx.base_eval,
+            _comparison_text(run.base_eval, final),
+            base_model=run.base_eval,
             fine_tuned_model=final,
             step=step,
         )
     out = run.workdir / "final"
     trainer.save_model(str(out))  # every rank: FSDP/ZeRO-3 gather the weights here
     if run.topology.is_main:
-        _publish(run, trainer, ctx, out, step, final)
+        _publish(run, trainer, out, step, final)
     barrier()
 
 
@@ -246,7 +298,6 @@ def _comparison_text(base: dict[str, float] | None, final: dict[str, float] | No
 def _publish(
     run: Run,
     trainer: Trainer,
-    ctx: RunContext,
     out: Path,
     step: int,
     final: dict[str, float] | None,
@@ -264,19 +315,19 @@ def _publish(
     }
     body = manifest(
         "adapter" if run.is_adapter() else "model",
-        ctx.run_manifest,
+        run.run_manifest,
         step=step,
         fine_tuned_model=config.fine_tuned_model,
         base_model=config.base_model.name,
-        metrics=ctx.results.rows.get(step),
-        evaluation={"base_model": ctx.base_eval, "fine_tuned_model": final},
+        metrics=run.results.rows.get(step),
+        evaluation={"base_model": run.base_eval, "fine_tuned_model": final},
         files=files,
     )
     (out / "manifest.json").write_text(json.dumps(body, indent=2, allow_nan=False))
     prefix = run.layout.adapter_prefix(config.org, config.job_id)
     run.store.put_bytes(
         run.layout.results_key(config.org, config.job_id),
-        ctx.results.to_csv(),
+        run.results.to_csv(),
         content_type="text/csv",
     )
     run.store.upload_dir(out, prefix, last="manifest.json")
