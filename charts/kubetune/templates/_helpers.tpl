@@ -35,11 +35,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kubetune
 {{- end -}}
 
-{{/* Image reference: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{/* Image reference: repository@digest when a digest is given, else repository:tag (the tag
+defaulting to the chart's appVersion). */}}
 {{- define "kubetune.image" -}}
 {{- $image := index . 0 -}}
 {{- $root := index . 1 -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* ServiceAccount names: given, or <fullname>-<component>. */}}
@@ -58,6 +63,27 @@ app.kubernetes.io/part-of: kubetune
 {{- default (printf "%s-api-keys" (include "kubetune.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
+{{/* The ClusterTrainingRuntime the release's TrainJobs reference: <fullname>-trainer. */}}
+{{- define "kubetune.trainingRuntimeName" -}}
+{{- printf "%s-trainer" (include "kubetune.fullname" .) -}}
+{{- end -}}
+
+{{/* The Secret with vLLM's API key: given, or <fullname>-vllm-api-key. */}}
+{{- define "kubetune.vllmApiKeySecret" -}}
+{{- default (printf "%s-vllm-api-key" (include "kubetune.fullname" .)) .Values.vllm.apiKey.existingSecret -}}
+{{- end -}}
+
+{{/* vLLM's API key, as an env entry named by the argument. */}}
+{{- define "kubetune.vllmApiKeyEnv" -}}
+{{- $name := index . 0 -}}
+{{- $root := index . 1 -}}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kubetune.vllmApiKeySecret" $root }}
+      key: {{ $root.Values.vllm.apiKey.secretKey }}
+{{- end -}}
+
 {{/* The vLLM Service of one model: <fullname>-vllm-<model.name>. */}}
 {{- define "kubetune.vllmName" -}}
 {{- $model := index . 0 -}}
@@ -69,7 +95,7 @@ app.kubernetes.io/part-of: kubetune
 {{- define "kubetune.servingOf" -}}
 {{- $model := index . 0 -}}
 {{- $root := index . 1 -}}
-{{- $defaults := pick $root.Values.vllm "enabled" "replicas" "gpus" "maxLoras" "maxLoraRank" "maxCpuLoras" "gpuMemoryUtilization" "dtype" "extraArgs" "env" "resources" "nodeSelector" "tolerations" "affinity" "podAnnotations" "shmSize" -}}
+{{- $defaults := pick $root.Values.vllm "enabled" "replicas" "gpus" "maxLoras" "maxLoraRank" "maxCpuLoras" "gpuMemoryUtilization" "dtype" "extraArgs" "env" "resources" "nodeSelector" "tolerations" "affinity" "topologySpreadConstraints" "podDisruptionBudget" "podAnnotations" "shmSize" -}}
 {{- $serving := mergeOverwrite (deepCopy $defaults) (deepCopy (default dict $model.serving)) -}}
 {{- toYaml $serving -}}
 {{- end -}}
@@ -125,6 +151,46 @@ capabilities:
 {{- end }}
 {{- end -}}
 
+{{/* The hardware profiles (KUBETUNE_OPERATOR__HARDWARE_PROFILES): the API checks the names,
+the operator applies them. */}}
+{{- define "kubetune.hardwareProfilesEnv" -}}
+- name: KUBETUNE_OPERATOR__HARDWARE_PROFILES
+  value: {{ toJson .Values.trainer.hardwareProfiles | quote }}
+{{- end -}}
+
+{{/* Admission and job limits (KUBETUNE_QUEUEING__*) and the tracking servers jobs may name
+(KUBETUNE_TRACKING__*): the API enforces them, the operator too. */}}
+{{- define "kubetune.queueingEnv" -}}
+{{- with .Values.queueing }}
+- name: KUBETUNE_QUEUEING__KUEUE
+  value: {{ .kueue | quote }}
+{{- with .defaultQueue }}
+- name: KUBETUNE_QUEUEING__DEFAULT_QUEUE
+  value: {{ . | quote }}
+{{- end }}
+- name: KUBETUNE_QUEUEING__ORG_QUEUES
+  value: {{ toJson .orgQueues | quote }}
+- name: KUBETUNE_QUEUEING__ALLOWED_QUEUES
+  value: {{ toJson .allowedQueues | quote }}
+{{- with .maxGpusPerJob }}
+- name: KUBETUNE_QUEUEING__MAX_GPUS_PER_JOB
+  value: {{ . | quote }}
+{{- end }}
+{{- with .maxGpusPerOrg }}
+- name: KUBETUNE_QUEUEING__MAX_GPUS_PER_ORG
+  value: {{ . | quote }}
+{{- end }}
+- name: KUBETUNE_QUEUEING__GPU_TYPES
+  value: {{ toJson .gpuTypes | quote }}
+{{- with .maxQueuedSeconds }}
+- name: KUBETUNE_QUEUEING__MAX_QUEUED_SECONDS
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+- name: KUBETUNE_TRACKING__MLFLOW_TRACKING_URIS
+  value: {{ toJson .Values.tracking.mlflowTrackingUris | quote }}
+{{- end -}}
+
 {{/* The base-model catalogue as the API reads it (KUBETUNE_MODELS, JSON). */}}
 {{- define "kubetune.catalogue" -}}
 {{- $root := . -}}
@@ -132,6 +198,7 @@ capabilities:
 {{- range .Values.models -}}
 {{- $entry := dict "id" .id "name" .name "owned_by" (default "kubetune" .ownedBy) "created" (int (default 0 .created)) "context_length" (int (default 4096 .contextLength)) "path" .path -}}
 {{- with .tokenizer }}{{ $_ := set $entry "tokenizer" . }}{{ end -}}
+{{- with .volumeClaim }}{{ $_ := set $entry "volume_claim" . }}{{ end -}}
 {{- $serving := include "kubetune.servingOf" (list . $root) | fromYaml -}}
 {{- if and $root.Values.vllm.enabled $serving.enabled -}}
 {{- $_ := set $entry "serving_url" (printf "http://%s.%s.svc:%d" (include "kubetune.vllmName" (list . $root)) $root.Release.Namespace (int $root.Values.vllm.port)) -}}
