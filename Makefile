@@ -6,10 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SRC := kubetune api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer cli/kubetune_cli
+SRC := kubetune runtime/kubetune_runtime api/kubetune_api operator/kubetune_operator trainer-image/kubetune_trainer cli/kubetune_cli local/kubetune_local
 PYTEST_ARGS ?=
+# Where no function may be longer than 80 lines (`make lint`).
+SHORT_FUNCTIONS := runtime/kubetune_runtime api/kubetune_api operator/kubetune_operator local/kubetune_local
 
-.PHONY: help venv run demo test test-fast lint format crds test-deps bench-api bench-operator bench-trainer clean
+.PHONY: help venv run demo test test-fast lint mypy format crds test-deps bench-api bench-operator bench-trainer gpu-smoke clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,14 +21,14 @@ $(STAMP): pyproject.toml
 		|| { echo "kubetune needs Python 3.11 or newer"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[api,operator,dev,trainer,tracking,cli]'
+	$(PY) -m pip install --quiet -e '.[runtime,api,operator,local,dev,bench,trainer,tracking,cli]'
 	@touch $@
 
 venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need
 
 run: $(STAMP) ## Start kubetune locally (API, jobs, trainer, vLLM on the CPU); Ctrl-C stops it
 	bash hack/install-vllm.sh
-	$(PY) -m kubetune_api.local_mode $(RUN_ARGS)
+	$(PY) -m kubetune_local $(RUN_ARGS)
 
 demo: $(STAMP) ## Fine-tune and chat with the OpenAI SDK against a running `make run`
 	$(PY) examples/demo.py
@@ -40,11 +42,15 @@ test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
 test-fast: $(STAMP) ## Run the tests that need no cluster
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff, mypy and the import-linter contracts
+lint: $(STAMP) ## ruff, ruff format, mypy --strict, import-linter's contracts, function length
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy $(SRC) tests benchmarks
+	$(MAKE) --no-print-directory mypy
 	$(VENV)/bin/lint-imports
+	$(PY) hack/check_function_length.py --max 80 $(SHORT_FUNCTIONS)
+
+mypy: $(STAMP) ## mypy --strict over the packages, tests, benchmarks and hack/
+	$(VENV)/bin/mypy $(SRC) tests benchmarks hack
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -59,9 +65,13 @@ bench-operator: test-deps ## 500 FineTuneJobs → PyTorchJobs: latency, RSS (wri
 bench-trainer: $(STAMP) ## Trainer throughput, stock TRL vs kubetune (SHAPE=8b on an H100; tiny on CPU)
 	$(PY) benchmarks/trainer_throughput.py --shape $(or $(SHAPE),8b) $(BENCH_ARGS)
 
+gpu-smoke: $(STAMP) ## The trainer's CUDA paths on one GPU, under 10 min (writes benchmarks/results/gpu-smoke.json); CPU cases only without one
+	$(PY) hack/gpu_smoke.py --out benchmarks/results/gpu-smoke.json $(SMOKE_ARGS)
+
 crds: $(STAMP) ## Regenerate the CRD YAML from the pydantic models
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
 	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/finetunejobs.kubetune.io.yaml
+	cp crds/kopf-peering.yaml charts/kubetune/crds/kopfpeerings.kopf.dev.yaml
 
 clean: ## Remove the virtualenv and caches kept in the repository
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -47,7 +47,7 @@ from benchmarks.common import (  # noqa: E402
     proc_status_mib,
     start_cluster_and_s3,
 )
-from kubetune.datasets import validate_jsonl  # noqa: E402
+from kubetune_runtime.datasets import validate_jsonl  # noqa: E402
 from tests.harness.api import ApiServer, backend_env, start_api  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "api.json"

@@ -57,11 +57,11 @@ from benchmarks.common import (  # noqa: E402
     proc_status_mib,
     start_cluster_and_s3,
 )
-from kubetune.datasets import validate_jsonl  # noqa: E402
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, JobPhase  # noqa: E402
 from kubetune.ids import new_job_id  # noqa: E402
-from kubetune.objectstore import S3ObjectStore  # noqa: E402
 from kubetune.settings import ObjectStoreSettings  # noqa: E402
+from kubetune_runtime.datasets import validate_jsonl  # noqa: E402
+from kubetune_runtime.objectstore import S3ObjectStore  # noqa: E402
 from tests.harness.files import store_training_file  # noqa: E402
 from tests.harness.kube import KubeCluster  # noqa: E402
 from tests.harness.operator import OperatorProcess  # noqa: E402
@@ -147,6 +147,7 @@ def operator_env(
         "KUBETUNE_MODELS": json.dumps(
             [{"id": MODEL, "path": MODEL_PATH, "context_length": CONTEXT_LENGTH}]
         ),
+        "KUBETUNE_OPERATOR__RUNTIME": "pytorchjob",  # what this benchmark has measured so far
         "KUBETUNE_OPERATOR__CREDENTIALS_SECRET": CREDENTIALS_SECRET,
         "KUBETUNE_OPERATOR__TRAINER_METRICS_PORT": "0",
         "KUBETUNE_OPERATOR__TERMINATION_GRACE_SECONDS": "60",
@@ -493,9 +494,8 @@ def run_bench(
     with ExitStack() as stack:
         operator.start()
         stack.callback(operator.stop)
-        proc = operator._proc  # the harness keeps the Popen here
-        assert proc is not None
-        pid = proc.proc.pid
+        pid = operator.pid
+        assert pid is not None
         ftjs = Recorder(api_client, namespace, GROUP, VERSION, PLURAL)
         stack.callback(ftjs.stop)
         ptjs = Recorder(

@@ -56,7 +56,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,6 +66,14 @@ for _path in (REPO_ROOT, REPO_ROOT / "trainer-image"):
 
 PEAK_TFLOPS: Final = 989.0  # H100 SXM, dense bf16
 GUARD_STEPS: Final = 20
+BENCHMARKED_PACKAGES: Final = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "liger-kernel",
+    "bitsandbytes",
+)
 GUARD_TOLERANCE: Final = 0.02
 SEED: Final = 1234
 LEARNING_RATE: Final = 2e-4
@@ -178,8 +185,10 @@ def llama_config(shape: Shape, tokenizer: Any) -> Any:
     )
 
 
-def random_model(shape: Shape, tokenizer: Any, cuda: bool) -> Any:
-    """Random weights (seeded), in the dtype the kubetune trainer trains in on this device."""
+def random_model(shape: Shape, tokenizer: Any, cuda: bool, attention: str = "sdpa") -> Any:
+    """Random weights (seeded), in the dtype a LoRA base is loaded in on this device, with the
+    ``attention`` kernel (the kubetune row: what its device plan picks).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -190,7 +199,7 @@ def random_model(shape: Shape, tokenizer: Any, cuda: bool) -> Any:
     try:
         with torch.device("cuda" if cuda else "cpu"):
             config = llama_config(shape, tokenizer)
-            config._attn_implementation = "sdpa"  # as model.load_model asks for it
+            config._attn_implementation = attention
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -317,7 +326,7 @@ def _stock_trl_args(
         eval_strategy="no",
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=cuda,
+        activation_checkpointing=cuda,
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=True,
@@ -374,26 +383,29 @@ def run_row(kind: str, shape_name: str, steps: int, warmup: int, cuda: bool) -> 
             ),
         )
     else:
-        from kubetune_trainer.methods import KubetuneSFTTrainer, sft_config
+        from kubetune_trainer.device import plan_device
+        from kubetune_trainer.methods import Hardware, KubetuneSFTTrainer, sft_config
         from kubetune_trainer.model import load_model, lora_config
 
         qlora = kind == "kubetune-qlora"
         config = _trainer_config(shape, cuda, steps, n_examples, qlora, workdir)
-        model = random_model(shape, tokenizer, cuda)
+        device = plan_device(config)
+        model = random_model(shape, tokenizer, cuda, device.attention)
         if qlora:  # the trainer's loader: from a folder, 4-bit NF4 through bitsandbytes
             model.save_pretrained(workdir / "model")
             del model
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            model = load_model(workdir / "model", config)
-        args = sft_config(config, workdir / "checkpoints", world_size=1)
+            model = load_model(workdir / "model", config, device)
+        hardware = Hardware(device=device, vocab_size=shape.vocab)
+        args = sft_config(config, workdir / "checkpoints", hardware)
         args.max_steps = steps
         args.save_strategy = "no"
         fast = {
             "packing": False,
             "padding_free": bool(args.padding_free),
             "liger": bool(args.use_liger_kernel),
-            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "gradient_checkpointing": bool(args.activation_checkpointing),
             "bf16": bool(args.bf16),
             "torch_compile": bool(args.torch_compile),
         }
@@ -487,16 +499,6 @@ def loss_guard(reference: Row, candidate: Row) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "trl", "peft", "liger-kernel", "bitsandbytes"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -577,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{guard['max_rel_diff']:.2e} (tolerance {GUARD_TOLERANCE:.0%}): "
         f"{'PASS' if guard['passed'] else 'FAIL'}"
     )
+    from kubetune_trainer.manifest import versions
+
     body = {
         "benchmark": "trainer_throughput",
         "shape": opts.shape,
@@ -585,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "versions": _versions(),
+        "versions": versions(BENCHMARKED_PACKAGES),
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seed": SEED,

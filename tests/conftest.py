@@ -21,6 +21,8 @@ from tests.harness.kube import KubeCluster, start_cluster
 from tests.harness.s3 import S3Server, start_s3
 from tests.harness.tools import Tool, ensure_kube_tools
 
+pytest_plugins = ["tests.harness.skip_gate"]
+
 CLUSTER_FIXTURES = frozenset({"kube", "kube_api", "namespace", "kubectl", "helm"})
 
 

@@ -10,16 +10,23 @@ from typing import Any
 
 import yaml
 
+from tests.harness.crds import MONITORING_CRDS, TRAINER_V2_CRDS
 from tests.harness.paths import REPO_ROOT
 from tests.harness.tools import Tool
 
 CHART = REPO_ROOT / "charts" / "kubetune"
-DATA = Path(__file__).parent / "data"
-MONITORING_CRDS = tuple(sorted(DATA.glob("monitoring.coreos.com_*.yaml")))
 RELEASE = "kt"
 NAMESPACE = "kubetune"
 MONITORING_API = "monitoring.coreos.com/v1"
 MONITORING_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
+# The custom resources the chart renders, and the upstream CRDs that define them.
+# The CRDs of the custom resources the chart renders: upstream ones, and kopf's peering CRD the
+# chart ships itself.
+CUSTOM_RESOURCE_CRDS = (
+    *MONITORING_CRDS,
+    TRAINER_V2_CRDS[2],
+    REPO_ROOT / "charts" / "kubetune" / "crds" / "kopfpeerings.kopf.dev.yaml",
+)
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
 
 ACME_KEY = "kt-test-key-acme"  # a test key; the chart stores only its hash
@@ -48,6 +55,7 @@ FULL_VALUES: dict[str, Any] = {
             "id": "qwen2.5-0.5b-instruct",
             "name": "qwen2-5-0-5b",
             "path": "/models/Qwen2.5-0.5B-Instruct",  # a folder both pods mount
+            "volumeClaim": "qwen-weights",  # from this ReadOnlyMany claim
             "contextLength": 4096,
         },
         {
@@ -78,6 +86,7 @@ FULL_VALUES: dict[str, Any] = {
         "podLabels": {"azure.workload.identity/use": "true"},
     },
     "api": {"ingress": {"enabled": True, "className": "nginx", "tlsSecret": "kubetune-tls"}},
+    "operator": {"replicas": 2},
     "trainer": {
         "credentialsSecret": "trainer-env",
         "priorityClassName": "training",
@@ -85,6 +94,16 @@ FULL_VALUES: dict[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
     "vllm": {"hfTokenSecret": "hf-token"},
+    "queueing": {
+        "kueue": True,
+        "defaultQueue": "shared",
+        "orgQueues": {"acme": "acme-queue"},
+        "allowedQueues": {"acme": ["acme-urgent"], "*": ["shared-spot"]},
+        "maxGpusPerJob": 16,
+        "maxGpusPerOrg": 64,
+        "gpuTypes": ["NVIDIA-H100-80GB-HBM3"],
+        "maxQueuedSeconds": 86400,
+    },
 }
 
 

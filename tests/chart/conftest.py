@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.chart import FULL_VALUES, MONITORING_CRDS, write_values
+from tests.chart.chart import FULL_VALUES, write_values
+from tests.harness.crds import JOBSET_CRDS, KUEUE_CRDS, MONITORING_CRDS, TRAINER_V2_CRDS
 from tests.harness.kube import KubeCluster
+from tests.harness.paths import REPO_ROOT
 from tests.harness.tools import Tool, ensure_kube_tools
 
 
@@ -30,10 +32,17 @@ def full_values(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_values(tmp_path_factory.mktemp("values"), FULL_VALUES)
 
 
+PEERING_CRD = REPO_ROOT / "crds" / "kopf-peering.yaml"
+
+
 @pytest.fixture(scope="session")
 def monitoring_crds(kube: KubeCluster) -> None:
-    """The Prometheus Operator's CRDs (tests/chart/data), so monitoring.coreos.com/v1 is served."""
-    kube.apply_crds(MONITORING_CRDS)
+    """The platform the chart expects, as upstream defines it (``../shared/reference``): the
+    Prometheus Operator's CRDs (so monitoring.coreos.com/v1 is served), Kubeflow Trainer v2's
+    and JobSet's (the ClusterTrainingRuntime) and Kueue's; and kopf's peering CRD, which the
+    chart ships in crds/ (helm installs it on a first install only).
+    """
+    kube.apply_crds(MONITORING_CRDS + TRAINER_V2_CRDS + JOBSET_CRDS + KUEUE_CRDS + (PEERING_CRD,))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.chart.chart import (
     CHART,
@@ -228,3 +229,34 @@ def test_default_values_install(
         _ref(d) for d in objects
     )
     helm("uninstall", RELEASE, "-n", namespace)
+
+
+def test_the_documented_crd_upgrade_step_upgrades_an_installed_crd(
+    cluster_tools: tuple[Tool, Tool], tmp_path: Path
+) -> None:
+    """Helm installs crds/ on a first install only; docs/helm-gpu.md's upgrade step
+    (``kubectl apply --server-side --force-conflicts -f charts/kubetune/crds/``) brings an
+    installed CRD up to date. Played on a copy under a group of its own, so the cluster's real
+    CRD, which other tests use, is left alone."""
+    _, kubectl = cluster_tools
+    current = yaml.safe_load((CHART / "crds" / "finetunejobs.kubetune.io.yaml").read_text())
+    group = "upgrade-test.kubetune.io"
+    current["spec"]["group"] = group
+    current["metadata"]["name"] = f"{current['spec']['names']['plural']}.{group}"
+    # The previous release's CRD: the same, before resources.profile existed, installed the way
+    # helm installs crds/ (a plain create).
+    previous = copy.deepcopy(current)
+    schema = previous["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    resources = schema["properties"]["spec"]["properties"]["resources"]
+    del resources["properties"]["profile"]
+    old_file, new_file = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old_file.write_text(yaml.safe_dump(previous))
+    new_file.write_text(yaml.safe_dump(current))
+    kubectl("create", "-f", str(old_file))
+    try:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(new_file))
+        stored = json.loads(kubectl("get", "crd", current["metadata"]["name"], "-o", "json"))
+        served = stored["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert "profile" in served["properties"]["spec"]["properties"]["resources"]["properties"]
+    finally:
+        kubectl("delete", "-f", str(new_file), "--wait=false")

@@ -32,7 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import observability
-from tests.chart.chart import CHART, MONITORING_API, NAMESPACE, by_kind, render
+from tests.chart.chart import CHART, MONITORING_API, NAMESPACE, RELEASE, by_kind, render
 from tests.chart.promql import Query, dashboard_queries, rule_queries, substitute, usage
 from tests.harness.api import ApiServer, backend_env, start_api
 from tests.harness.kube import KubeCluster
@@ -450,7 +450,7 @@ def test_promtool_checks_the_rules(prometheus_tools: PrometheusTools, rule_file:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 def _series(name: str, values: str, **labels: str) -> dict[str, str]:
@@ -477,6 +477,27 @@ def _alert(name: str, eval_time: str, *expected: tuple[dict[str, str], str]) -> 
 # promtool's rule unit tests: each alert fires on the series that should fire it, and not on
 # its healthy neighbour (the defaults of monitoring.rules are the thresholds).
 RULE_TESTS: list[dict[str, Any]] = [
+    {
+        # The operator's target answers for 10 minutes, then stops; a vLLM target stays up.
+        "interval": "1m",
+        "input_series": [
+            _series("up", "1x10 0x20", job=f"{RELEASE}-kubetune-operator"),
+            _series("up", "1x30", job=f"{RELEASE}-kubetune-vllm-llama"),
+        ],
+        "alert_rule_test": [
+            _alert("KubetuneOperatorDown", "9m"),
+            _alert("KubetuneOperatorDown", "13m"),  # down, not yet for 5m
+            _alert(
+                "KubetuneOperatorDown",
+                "20m",
+                (
+                    {"severity": "critical", "job": f"{RELEASE}-kubetune-operator"},
+                    f"No kubetune operator in namespace {NAMESPACE} has answered a scrape for 5 "
+                    "minutes: jobs are not reconciled and new fine-tuned models are not served.",
+                ),
+            ),
+        ],
+    },
     {
         "interval": "1m",
         "input_series": [
@@ -601,14 +622,16 @@ def test_alerts_fire_when_they_should(
     alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"] if "alert" in r}
     tested = {t["alertname"] for test in RULE_TESTS for t in test["alert_rule_test"]}
     assert tested == alerts
-    summaries = {
-        r["alert"]: r["annotations"]["summary"] for g in rules["spec"]["groups"] for r in g["rules"]
+    annotations = {
+        r["alert"]: r["annotations"] for g in rules["spec"]["groups"] for r in g["rules"]
     }
     tests = copy.deepcopy(RULE_TESTS)
     for test in tests:
         for check in test["alert_rule_test"]:
             for alert in check["exp_alerts"]:
-                alert["exp_annotations"]["summary"] = summaries[check["alertname"]]
+                fixed = annotations[check["alertname"]]
+                alert["exp_annotations"]["summary"] = fixed["summary"]
+                alert["exp_annotations"]["runbook_url"] = fixed["runbook_url"]
     spec = rule_file.parent / "kubetune-rules.test.yaml"
     spec.write_text(
         yaml.safe_dump(
@@ -625,6 +648,20 @@ def test_alerts_fire_when_they_should(
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
+
+
+def test_every_alert_links_its_runbook_section(rules: dict[str, Any]) -> None:
+    runbooks = (REPO_ROOT / "docs" / "runbooks.md").read_text()
+    sections = {
+        line[3:].strip().lower() for line in runbooks.splitlines() if line.startswith("## ")
+    }
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            base, anchor = url.split("#")
+            assert base.endswith("/docs/runbooks.md"), url
+            assert anchor == rule["alert"].lower(), url
+            assert anchor in sections, url
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,32 @@ def test_the_api_may_only_create_and_flip_finetunejobs(docs: list[dict[str, Any]
             "apiGroups": ["kubetune.io"],
             "resources": ["finetunejobs"],
             "verbs": ["get", "list", "watch", "create", "patch"],
-        }
+        },
+        # Idempotency-Key claims (no list or watch: the API reads a claim by its name only).
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "patch", "delete"],
+        },
     ]
 
 
-def test_the_operator_touches_only_what_it_must(docs: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    ("controller", "workload"),
+    [
+        ("trainjob", ("trainer.kubeflow.org", "trainjobs")),
+        ("pytorchjob", ("kubeflow.org", "pytorchjobs")),
+    ],
+)
+def test_the_operator_touches_only_what_it_must(
+    helm_local: Tool, full_values: Path, controller: str, workload: tuple[str, str]
+) -> None:
+    docs = render(
+        helm_local,
+        full_values,
+        api_versions=[MONITORING_API, "policy/v1"],
+        sets=[f"trainer.controller={controller}"],
+    )
     granted = {
         (group, resource): set(rule["verbs"])
         for rule in _rules(docs, "operator")
@@ -60,13 +81,32 @@ def test_the_operator_touches_only_what_it_must(docs: list[dict[str, Any]]) -> N
     assert granted == {
         ("kubetune.io", "finetunejobs"): read | {"patch", "update"},
         ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
-        ("kubeflow.org", "pytorchjobs"): read | {"create", "patch", "update", "delete"},
+        workload: read | {"create", "patch", "update", "delete"},
         ("", "configmaps"): read | {"create", "patch", "update", "delete"},
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
         ("", "pods"): read,
         ("", "endpoints"): read,
+        # full_values turn Kueue on: Workloads read and patched (spec.active), never created.
+        ("kueue.x-k8s.io", "workloads"): read | {"patch"},
+        # and run two operator replicas, which peer through the KopfPeering object.
+        ("kopf.dev", "kopfpeerings"): read | {"patch"},
     }
+
+
+def test_only_with_kueue_the_operator_reads_and_patches_kueue_workloads(
+    helm_local: Tool, full_values: Path
+) -> None:
+    def kueue_rules(kueue: bool) -> list[dict[str, Any]]:
+        docs = render(helm_local, full_values, sets=[f"queueing.kueue={str(kueue).lower()}"])
+        return [r for r in _rules(docs, "operator") if "kueue.x-k8s.io" in r["apiGroups"]]
+
+    (rule,) = kueue_rules(True)
+    assert (rule["resources"], set(rule["verbs"])) == (
+        ["workloads"],
+        {"get", "list", "watch", "patch"},
+    )
+    assert kueue_rules(False) == []
 
 
 def test_each_role_is_bound_to_the_account_its_pods_run_as(docs: list[dict[str, Any]]) -> None:
@@ -99,6 +139,7 @@ CAN_I: dict[str, list[tuple[str, str, tuple[str, ...], bool]]] = {
         ("delete", "finetunejobs.kubetune.io", (), False),
         ("list", "finetunejobs.kubetune.io", ("-A",), False),
         ("create", "pytorchjobs.kubeflow.org", (), False),
+        ("create", "trainjobs.trainer.kubeflow.org", (), False),
         ("get", "configmaps", (), False),
         ("get", "secrets", (), False),
         ("list", "secrets", ("-A",), False),
@@ -109,8 +150,10 @@ CAN_I: dict[str, list[tuple[str, str, tuple[str, ...], bool]]] = {
         ("watch", "finetunejobs.kubetune.io", (), True),
         ("create", "finetunejobs.kubetune.io", (), False),
         ("delete", "finetunejobs.kubetune.io", (), False),
-        ("create", "pytorchjobs.kubeflow.org", (), True),
-        ("delete", "pytorchjobs.kubeflow.org", (), True),
+        ("create", "trainjobs.trainer.kubeflow.org", (), True),
+        ("delete", "trainjobs.trainer.kubeflow.org", (), True),
+        ("create", "pytorchjobs.kubeflow.org", (), False),  # trainer.controller is trainjob
+        ("create", "clustertrainingruntimes.trainer.kubeflow.org", ("-A",), False),
         ("create", "configmaps", (), True),
         ("create", "events", (), True),
         ("list", "pods", (), True),
@@ -121,7 +164,7 @@ CAN_I: dict[str, list[tuple[str, str, tuple[str, ...], bool]]] = {
         ("create", "pods", ("--subresource=exec",), False),
         ("get", "secrets", (), False),
         ("list", "secrets", ("-A",), False),
-        ("list", "pytorchjobs.kubeflow.org", ("-A",), False),
+        ("list", "trainjobs.trainer.kubeflow.org", ("-A",), False),
         ("create", "deployments.apps", (), False),
         ("create", "rolebindings.rbac.authorization.k8s.io", (), False),
     ],

@@ -5,6 +5,7 @@ No cluster: ``helm template`` with the capabilities each test names.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -23,9 +24,9 @@ from kubetune_api.auth import KeyStore
 from tests.chart.chart import (
     ACME_KEY,
     CHART,
+    CUSTOM_RESOURCE_CRDS,
     FULL_VALUES,
     MONITORING_API,
-    MONITORING_CRDS,
     MONITORING_KINDS,
     NAMESPACE,
     RELEASE,
@@ -80,8 +81,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(
 ) -> None:
     docs = default_docs if values == "default" else full_docs
     checked = []
+    custom = {crd_kind(path) for path in CUSTOM_RESOURCE_CRDS}
     for doc in docs:
-        if doc["kind"] in MONITORING_KINDS:
+        if doc["kind"] in custom:
             continue  # custom resources: see the next test
         # strict: unknown fields fail too, as `kubectl --validate=strict` would
         kubernetes_validate.validate(doc, version, strict=True)
@@ -106,20 +108,28 @@ def _strict(schema: Any) -> Any:
     return out
 
 
-def test_monitoring_objects_validate_against_the_prometheus_operator_crds(
+def test_custom_resources_validate_against_their_upstream_crds(
     full_docs: list[dict[str, Any]],
 ) -> None:
-    schemas = {crd_kind(path): _strict(schema_of_crd(path)) for path in MONITORING_CRDS}
-    kinds = [doc["kind"] for doc in full_docs if doc["kind"] in MONITORING_KINDS]
-    assert sorted(kinds) == ["PodMonitor", "PrometheusRule"] + ["ServiceMonitor"] * 3
+    schemas = {crd_kind(path): _strict(schema_of_crd(path)) for path in CUSTOM_RESOURCE_CRDS}
+    kinds = [doc["kind"] for doc in full_docs if doc["kind"] in schemas]
+    assert (
+        sorted(kinds)
+        == ["ClusterTrainingRuntime", "KopfPeering", "PodMonitor", "PrometheusRule"]
+        + ["ServiceMonitor"] * 3
+    )
     for doc in full_docs:
-        if doc["kind"] in MONITORING_KINDS:
+        if doc["kind"] in schemas:
             jsonschema.Draft7Validator(schemas[doc["kind"]]).validate(doc)
     # and the check is not vacuous: an unknown field fails
     bad = copy.deepcopy(by_kind(full_docs, "ServiceMonitor")[f"{FULLNAME}-api"])
     bad["spec"]["endpoints"][0]["portt"] = "http"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft7Validator(schemas["ServiceMonitor"]).validate(bad)
+    runtime = copy.deepcopy(by_kind(full_docs, "ClusterTrainingRuntime")[f"{FULLNAME}-trainer"])
+    runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestartz"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schemas["ClusterTrainingRuntime"]).validate(runtime)
 
 
 def test_monitoring_objects_need_the_prometheus_operator_api(
@@ -142,11 +152,29 @@ def test_monitoring_objects_need_the_prometheus_operator_api(
     assert not [d["kind"] for d in switched_off if d["kind"] in MONITORING_KINDS]
 
 
-def test_the_chart_ships_the_crd_from_crds(helm_local: Tool) -> None:
+def test_the_chart_ships_the_crds_from_crds(helm_local: Tool) -> None:
     out = helm_local(*template_args(), "--include-crds")
     crds = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
-    committed = yaml.safe_load((REPO_ROOT / "crds" / "finetunejobs.kubetune.io.yaml").read_text())
-    assert crds == [committed]
+    committed = [
+        yaml.safe_load((REPO_ROOT / "crds" / name).read_text())
+        for name in ("finetunejobs.kubetune.io.yaml", "kopf-peering.yaml")
+    ]
+    assert sorted(crds, key=lambda c: c["metadata"]["name"]) == sorted(
+        committed, key=lambda c: c["metadata"]["name"]
+    )
+
+
+def test_several_operator_replicas_peer(full_docs: list[dict[str, Any]]) -> None:
+    operator = by_kind(full_docs, "Deployment")[f"{FULLNAME}-operator"]
+    assert operator["spec"]["replicas"] == 2
+    assert operator["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0},
+    }
+    env = env_of(container(operator["spec"]["template"], "operator"))
+    (peering,) = by_kind(full_docs, "KopfPeering").values()
+    assert env["KUBETUNE_OPERATOR__PEERING"] == peering["metadata"]["name"]
+    assert peering["metadata"]["namespace"] == NAMESPACE
 
 
 # --------------------------------------------------------------------------- values schema
@@ -356,6 +384,32 @@ def test_one_vllm_deployment_and_service_per_served_model(full_docs: list[dict[s
         assert template["spec"]["automountServiceAccountToken"] is False
 
 
+def test_replicated_models_get_a_disruption_budget_and_spread(
+    helm_local: Tool, tmp_path: Path
+) -> None:
+    spread = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone"}
+    values = {
+        "models": [
+            {"id": "a", "name": "a", "path": "/a", "serving": {"replicas": 3}},
+            {"id": "b", "name": "b", "path": "/b"},  # one replica: nothing to budget
+        ],
+        "vllm": {"topologySpreadConstraints": [{**spread, "whenUnsatisfiable": "DoNotSchedule"}]},
+    }
+    docs = render(helm_local, write_values(tmp_path, values), api_versions=["policy/v1"])
+    budgets = by_kind(docs, "PodDisruptionBudget")
+    deployment = by_kind(docs, "Deployment")[f"{FULLNAME}-vllm-a"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budget = budgets[f"{FULLNAME}-vllm-a"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert f"{FULLNAME}-vllm-b" not in budgets
+    (constraint,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint.items() >= spread.items()
+    selector = constraint["labelSelector"]["matchLabels"]
+    assert selector["kubetune.io/base-model"] == "a"
+    assert selector.items() <= pod_labels.items()
+
+
 def test_vllm_cannot_serve_from_the_object_store(helm_local: Tool, tmp_path: Path) -> None:
     model = {"id": "m", "name": "m", "path": "store:models/m"}
     proc = helm_local.run(*template_args(write_values(tmp_path, {"models": [model]})), check=False)
@@ -386,6 +440,28 @@ def test_images_default_to_the_app_version(default_docs: list[dict[str, Any]]) -
     operator = by_kind(default_docs, "Deployment")[f"{FULLNAME}-operator"]["spec"]["template"]
     trainer_image = env_of(container(operator, "operator"))["KUBETUNE_OPERATOR__TRAINER_IMAGE"]
     assert trainer_image == f"ghcr.io/kubetune/trainer:{chart['appVersion']}"
+
+
+def test_a_digest_pins_each_image(helm_local: Tool) -> None:
+    digest = "sha256:" + "ab" * 32
+    sets = [
+        f"{component}.image.digest={digest}" for component in ("api", "operator", "trainer", "vllm")
+    ]
+    docs = render(helm_local, sets=[*sets, "models[0].id=m,models[0].name=m,models[0].path=/m"])
+    images = {c["image"] for _, t in pod_templates(docs) for c in t["spec"]["containers"]}
+    assert images == {
+        f"ghcr.io/kubetune/api@{digest}",
+        f"ghcr.io/kubetune/operator@{digest}",
+        f"vllm/vllm-openai@{digest}",
+    }
+    operator = by_kind(docs, "Deployment")[f"{FULLNAME}-operator"]["spec"]["template"]
+    env = env_of(container(operator, "operator"))
+    assert env["KUBETUNE_OPERATOR__TRAINER_IMAGE"] == f"ghcr.io/kubetune/trainer@{digest}"
+    (runtime,) = by_kind(docs, "ClusterTrainingRuntime").values()
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert (
+        node["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/kubetune/trainer@{digest}"
+    )
 
 
 def test_chart_ports_are_the_declared_ones(default_docs: list[dict[str, Any]]) -> None:
@@ -439,6 +515,14 @@ def test_the_api_environment_is_understood_by_the_settings(
     local.write_text(secret["stringData"][item["key"]])
     principal = KeyStore.from_file(local).authenticate(f"Bearer {ACME_KEY}")
     assert principal.org == "acme"
+    # The API enforces the queue allow-list and the GPU caps.
+    queueing = settings.queueing
+    assert queueing.default_queue_of("acme") == "acme-queue"
+    assert queueing.default_queue_of("other") == "shared"
+    assert queueing.queue_allowed("acme", "acme-urgent")
+    assert queueing.queue_allowed("other", "shared-spot")
+    assert not queueing.queue_allowed("other", "acme-urgent")
+    assert (queueing.max_gpus_per_job, queueing.gpu_types) == (16, ["NVIDIA-H100-80GB-HBM3"])
 
 
 def _is_setting(name: str) -> bool:
@@ -503,6 +587,10 @@ def test_the_operator_environment_is_understood_by_the_settings(
     ]["tolerations"]
     assert operator.priority_class == "training"
     assert operator.credentials_secret == "trainer-env"
+    queueing = settings.queueing
+    assert queueing.kueue is True
+    assert queueing.max_queued_seconds == 86400
+    assert queueing.max_gpus_per_org == 64
     assert [m.id for m in settings.models] == [m["id"] for m in FULL_VALUES["models"]]
     assert settings.object_store.bucket == "kubetune-data"
 
@@ -512,7 +600,7 @@ def test_an_existing_keys_secret_is_mounted_instead(helm_local: Tool, tmp_path: 
         tmp_path, {"apiKeys": {"existingSecret": "my-keys", "secretKey": "k.json"}}
     )
     docs = render(helm_local, values)
-    assert "Secret" not in {d["kind"] for d in docs}
+    assert list(by_kind(docs, "Secret")) == [f"{FULLNAME}-vllm-api-key"]  # no keys Secret
     template = by_kind(docs, "Deployment")[f"{FULLNAME}-api"]["spec"]["template"]
     volume = next(v for v in template["spec"]["volumes"] if v["name"] == "api-keys")
     assert volume["secret"]["secretName"] == "my-keys"
@@ -553,3 +641,101 @@ def test_network_policies_keep_clients_away_from_vllm(full_docs: list[dict[str, 
     assert [
         p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in sync["from"]
     ] == ["operator"]
+
+
+def test_a_jobs_trainer_pods_reach_each_other_and_are_scraped(
+    full_docs: list[dict[str, Any]],
+) -> None:
+    """The default-deny policy selects the trainer pods the chart's runtime labels; without a
+    policy of their own a multi-node job's ranks could not rendezvous."""
+    policies = by_kind(full_docs, "NetworkPolicy")
+    (runtime,) = [
+        r
+        for r in by_kind(full_docs, "ClusterTrainingRuntime").values()
+        if "-trainer" in r["metadata"]["name"]
+    ][:1]
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    labels = node["template"]["metadata"]["labels"]
+
+    def selects(policy: dict[str, Any]) -> bool:
+        wanted: dict[str, str] = policy["spec"]["podSelector"]["matchLabels"]
+        return all(labels.get(k) == v for k, v in wanted.items())
+
+    assert selects(policies[f"{FULLNAME}-default-deny"])
+    trainer = policies[f"{FULLNAME}-trainer"]
+    assert selects(trainer)
+    peers, metrics = trainer["spec"]["ingress"]
+    assert "ports" not in peers  # every port: rendezvous, gloo, NCCL
+    (peer,) = peers["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= labels.items()
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == FULL_VALUES.get("networkPolicy", {}).get(
+        "metricsFrom",
+        yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["metricsFrom"],
+    )
+
+
+def test_vllm_runs_with_an_api_key_only_the_proxy_and_the_sidecar_hold(
+    full_docs: list[dict[str, Any]],
+) -> None:
+    secret = by_kind(full_docs, "Secret")[f"{FULLNAME}-vllm-api-key"]
+    assert len(base64.b64decode(secret["data"]["api-key"])) == 48
+    holders = {}
+    for name, template in pod_templates(full_docs):
+        for c in template["spec"]["containers"]:
+            for var in c.get("env") or []:
+                ref = (var.get("valueFrom") or {}).get("secretKeyRef") or {}
+                if ref.get("name") == secret["metadata"]["name"]:
+                    holders[f"{name}/{c['name']}"] = var["name"]
+    served = [m["name"] for m in FULL_VALUES["models"] if m.get("serving", {}).get("enabled", True)]
+    expected = {f"Deployment/{FULLNAME}-api/api": "KUBETUNE_SERVING__VLLM_API_KEY"}
+    for model in served:
+        deployment = f"Deployment/{FULLNAME}-vllm-{model}"
+        expected[f"{deployment}/vllm"] = "VLLM_API_KEY"
+        expected[f"{deployment}/adapter-sync"] = "KUBETUNE_SERVING__VLLM_API_KEY"
+    assert holders == expected
+
+
+def test_a_models_weight_claim_reaches_vllm_and_the_catalogue(
+    full_docs: list[dict[str, Any]],
+) -> None:
+    deployment = by_kind(full_docs, "Deployment")[f"{FULLNAME}-vllm-qwen2-5-0-5b"]
+    spec = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "weights")
+    assert volume["persistentVolumeClaim"] == {"claimName": "qwen-weights", "readOnly": True}
+    mount = next(
+        m
+        for m in container(deployment["spec"]["template"], "vllm")["volumeMounts"]
+        if m["name"] == "weights"
+    )
+    assert mount == {
+        "name": "weights",
+        "mountPath": "/models/Qwen2.5-0.5B-Instruct",
+        "readOnly": True,
+    }
+    operator = by_kind(full_docs, "Deployment")[f"{FULLNAME}-operator"]["spec"]["template"]
+    catalogue = json.loads(env_of(container(operator, "operator"))["KUBETUNE_MODELS"])
+    claims = {entry["id"]: entry.get("volume_claim") for entry in catalogue}
+    assert claims["qwen2.5-0.5b-instruct"] == "qwen-weights"
+    for name, template in pod_templates(full_docs):
+        for v in template["spec"].get("volumes") or []:
+            if "emptyDir" in v and name.startswith(("Deployment/" + FULLNAME + "-vllm",)):
+                assert "sizeLimit" in v["emptyDir"], f"{name}: {v['name']} has no size limit"
+
+
+def test_helm_test_checks_the_api_from_inside_the_cluster(
+    full_docs: list[dict[str, Any]],
+) -> None:
+    (pod,) = [d for d in full_docs if d["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert restricted_violations({"metadata": pod["metadata"], "spec": pod["spec"]}) == []
+    (check,) = pod["spec"]["containers"]
+    script = check["command"][-1]
+    compile(script, "helm-test", "exec")  # the check itself is valid Python
+    service = by_kind(full_docs, "Service")[f"{FULLNAME}-api"]
+    port = service["spec"]["ports"][0]["port"]
+    assert f"http://{FULLNAME}-api.{NAMESPACE}.svc:{port}" in script
+    # Not one of the release's pods: the default-deny policy does not select it.
+    deny = by_kind(full_docs, "NetworkPolicy")[f"{FULLNAME}-default-deny"]
+    selector = deny["spec"]["podSelector"]["matchLabels"]
+    assert not all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())

@@ -20,12 +20,12 @@ from typer.testing import CliRunner, Result
 
 from kubetune.events import JobEvent, encode_chunk
 from kubetune.finetunejob import FineTuneJobStatus
-from kubetune.progress import fold_events
 from kubetune_cli import output
 from kubetune_cli.main import app
+from kubetune_runtime.progress import fold_events
+from tests.api.conftest import backend_of, settings_of, store_of, tiny_tokenizer
 from tests.harness.api import ApiServer, backend_env, start_api
 from tests.harness.paths import REPO_ROOT
-from tests.integration.api.conftest import backend_of, settings_of, store_of, tiny_tokenizer
 
 __all__ = ["tiny_tokenizer"]
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from kubetune_cli.errors import ExitCode
+from tests.api.conftest import chat_line, jsonl
 from tests.cli.conftest import global_args, run_cli
 from tests.harness.paths import free_port
-from tests.integration.api.conftest import chat_line, jsonl
 
 
 def bad_file(tmp_path: Path) -> Path:

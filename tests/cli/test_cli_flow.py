@@ -18,11 +18,11 @@ from kubetune.finetunejob import (
     fine_tuned_model_name,
 )
 from kubetune.ids import new_checkpoint_id
-from kubetune.progress import trainer_error
 from kubetune.trainer_events import StepMetrics, TrainerEventKind, message_data
 from kubetune_cli.errors import ExitCode
+from kubetune_runtime.progress import trainer_error
+from tests.api.conftest import chat_file
 from tests.cli.conftest import CliProcess, Executor, global_args, run_cli, run_json
-from tests.integration.api.conftest import chat_file
 
 TOTAL_STEPS = 10
 

@@ -21,7 +21,7 @@ def execs(monkeypatch):
 def test_serve_defaults_to_local_mode(execs):
     result = run_cli(["serve"])
     assert result.exit_code == 0, result.output
-    assert execs[0][0] == [sys.executable, "-m", "kubetune_api.local_mode"]
+    assert execs[0][0] == [sys.executable, "-m", "kubetune_local"]
 
 
 def test_serve_passes_local_options(execs, tmp_path):
@@ -29,7 +29,7 @@ def test_serve_passes_local_options(execs, tmp_path):
     result = run_cli([*args, "--no-vllm"])
     assert result.exit_code == 0, result.output
     assert execs[0][0] == [
-        sys.executable, "-m", "kubetune_api.local_mode",
+        sys.executable, "-m", "kubetune_local",
         "--data-dir", str(tmp_path), "--host", "192.0.2.1", "--port", "9000", "--no-vllm",
     ]  # fmt: skip
 

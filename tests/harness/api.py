@@ -150,8 +150,12 @@ def backend_env(
     return env
 
 
-def start_api(data_dir: Path, env: dict[str, str], backend: str) -> ApiServer:
-    """Start the API with a keys file for two orgs (and an admin) and the given settings env."""
+def start_api(
+    data_dir: Path, env: dict[str, str], backend: str, *, ready: bool = True
+) -> ApiServer:
+    """Start the API with a keys file for two orgs (and an admin) and the given settings env;
+    wait until it is ready (``/readyz``), or only alive (``/healthz``: its store is down).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = {org: new_api_key() for org in ORGS}
     keys_file = data_dir / "keys.json"
@@ -178,9 +182,10 @@ def start_api(data_dir: Path, env: dict[str, str], backend: str) -> ApiServer:
         env={**full_env, "PYTHONPATH": _pythonpath()},
     )
     url = f"http://127.0.0.1:{port}"
+    probe = "/readyz" if ready else "/healthz"
     try:
         proc.wait_until(
-            lambda: urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200,  # noqa: S310
+            lambda: urllib.request.urlopen(f"{url}{probe}", timeout=2).status == 200,  # noqa: S310
             timeout=60,
             what="ready",
         )

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kubetune.datasets import validate_jsonl
 from kubetune.files import FileMeta, FilePurpose
 from kubetune.ids import new_file_id
-from kubetune.objectstore import ObjectStore
 from kubetune.storage_layout import StorageLayout
+from kubetune_runtime.datasets import validate_jsonl
+from kubetune_runtime.objectstore import ObjectStore
 
 
 def store_training_file(

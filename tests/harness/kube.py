@@ -19,9 +19,10 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from filelock import FileLock
 
+from tests.harness.crds import for_old_apiserver, is_upstream
 from tests.harness.paths import CACHE_BIN, CACHE_DIR, REFERENCE_DIR, REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 
@@ -144,6 +146,8 @@ class KubeCluster:
     kubeconfig: Path
     workdir: Path
     _procs: list[ServerProcess]
+    _installed: set[Path] = field(default_factory=set)
+    _crd_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses (kubectl, helm, the operator) to reach this cluster."""
@@ -176,6 +180,8 @@ class KubeCluster:
             for doc in yaml.safe_load_all(path.read_text()):
                 if not doc:
                     continue
+                if is_upstream(path):
+                    doc = for_old_apiserver(doc)
                 names.append(doc["metadata"]["name"])
                 try:
                     api.create_custom_resource_definition(doc)
@@ -195,6 +201,38 @@ class KubeCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"CRD {name} not established: {conditions}")
                 time.sleep(0.1)
+
+    def ensure_crds(self, files: tuple[Path, ...]) -> None:
+        """Install CRDs once per cluster (tests that need them ask; the first one installs)."""
+        with self._crd_lock:
+            missing = tuple(f for f in files if f not in self._installed)
+            if missing:
+                self.apply_crds(missing)
+                self._installed.update(missing)
+
+    def create_cluster_object(self, body: dict[str, Any]) -> None:
+        """Create (or replace) a cluster-scoped custom object."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        custom: Any = client.CustomObjectsApi(self.api_client())
+        group, version = body["apiVersion"].split("/")
+        plural = body["kind"].lower() + "s"
+        name = body["metadata"]["name"]
+        try:
+            custom.create_cluster_custom_object(group, version, plural, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = custom.get_cluster_custom_object(group, version, plural, name)
+            body = {
+                **body,
+                "metadata": {
+                    **body["metadata"],
+                    "resourceVersion": current["metadata"]["resourceVersion"],
+                },
+            }
+            custom.replace_cluster_custom_object(group, version, plural, name, body)
 
     def stop(self) -> None:
         """Stop the apiserver, then etcd, and remove their state."""

@@ -60,6 +60,11 @@ class OperatorProcess:
             return str(resp.read().decode())
 
     @property
+    def pid(self) -> int | None:
+        """The process id of the current run, None before the first start."""
+        return None if self._proc is None else self._proc.proc.pid
+
+    @property
     def returncode(self) -> int | None:
         """The exit status of the current run, None while it runs."""
         return None if self._proc is None else self._proc.proc.poll()

@@ -55,19 +55,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-from base64 import b64decode
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from tests.harness.kubelet import ControllerStandIn, Pod
 from tests.harness.paths import free_port
 
 GROUP: Final = "kubeflow.org"
@@ -79,8 +75,6 @@ REPLICA_TYPES: Final = ("Master", "Worker")
 # The trainer image's ENTRYPOINT (trainer-image/Dockerfile): a launcher that turns the
 # PyTorchJob environment into torchrun's arguments and the workers' exit codes into the pod's.
 TRAINER_ENTRYPOINT: Final = (sys.executable, "-m", "kubetune_trainer.launch")
-# The part of this host's environment a container would also have.
-_HOST_ENV: Final = ("PATH", "LANG", "LC_ALL")
 
 
 def _now() -> str:
@@ -126,39 +120,25 @@ def is_true(conditions: Sequence[Mapping[str, Any]], type_: str) -> bool:
     return any(c["type"] == type_ and c["status"] == "True" for c in conditions)
 
 
-def exit_code(returncode: int) -> int:
-    """The container exit code of a process: a signal N is reported as 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def is_retryable(code: int) -> bool:
     """restartPolicy ExitCode: 128 and above is retryable (pkg/util/train.IsRetryableExitCode)."""
     return code >= 128
 
 
 @dataclass
-class Replica:
+class Replica(Pod):
     """One replica (pod) of a PyTorchJob, across its restarts."""
 
-    rtype: str
-    index: int
-    rank: int
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    exit_codes: list[int] = field(default_factory=list)
-    logs: list[Path] = field(default_factory=list)
-    stop_deadline: float | None = None
+    rtype: str = ""
+    index: int = 0
+    rank: int = 0
     restart_at: float = 0.0
     succeeded: bool = False
 
-    @property
-    def name(self) -> str:
-        """``master-0``, ``worker-0``…"""
-        return f"{self.rtype.lower()}-{self.index}"
 
-    def alive(self) -> bool:
-        """Whether its process runs."""
-        return self.proc is not None and self.proc.poll() is None
+def replica(rtype: str, index: int, rank: int) -> Replica:
+    """A replica named as the training-operator names its pods: ``master-0``, ``worker-0``…"""
+    return Replica(f"{rtype.lower()}-{index}", rtype=rtype, index=index, rank=rank)
 
 
 @dataclass
@@ -174,8 +154,10 @@ class JobRun:
     finished_at: float | None = None
 
 
-class TrainingOperator:
+class TrainingOperator(ControllerStandIn[JobRun]):
     """Runs the replicas of the PyTorchJobs of ``namespace`` as local processes (see above)."""
+
+    group, version, plural = GROUP, VERSION, PLURAL
 
     def __init__(
         self,
@@ -189,53 +171,36 @@ class TrainingOperator:
         grace_cap: float = 60.0,
         poll: float = 0.2,
     ) -> None:
-        from kubernetes import client
-
-        self.namespace = namespace
-        self.workdir = workdir
-        self.entrypoint = list(entrypoint)
-        self.node_env = dict(node_env or {})
+        super().__init__(
+            api_client,
+            namespace,
+            workdir,
+            entrypoint=entrypoint,
+            node_env=node_env,
+            grace_cap=grace_cap,
+            poll=poll,
+        )
         self.restart_delay = restart_delay
-        self.grace_cap = grace_cap
-        self.poll = poll
-        self._custom: Any = client.CustomObjectsApi(api_client)
-        self._core: Any = client.CoreV1Api(api_client)
-        self._runs: dict[str, JobRun] = {}
-        self._created: dict[str, list[str]] = {}
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="training-operator", daemon=True)
-        self.errors: list[str] = []
 
-    # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> TrainingOperator:
-        """Start watching."""
-        self._thread.start()
-        return self
+    def _new_run(self, obj: Mapping[str, Any]) -> JobRun:
+        meta = obj["metadata"]
+        run = JobRun(
+            name=meta["name"],
+            uid=meta["uid"],
+            port=free_port(),
+            workdir=self.workdir / f"{meta['name']}-{meta['uid'][:8]}",
+        )
+        specs = obj["spec"]["pytorchReplicaSpecs"]
+        for rtype in REPLICA_TYPES:
+            for index in range(int((specs.get(rtype) or {}).get("replicas", 0))):
+                rank = index + 1 if rtype == "Worker" else index
+                run.replicas[(rtype, index)] = replica(rtype, index, rank)
+        return run
 
-    def stop(self) -> None:
-        """Stop watching and stop every replica still running."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-        with self._lock:
-            replicas = [r for run in self._runs.values() for r in run.replicas.values()]
-        for replica in replicas:
-            self._signal(replica, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for replica in replicas:
-            if replica.proc is None:
-                continue
-            try:
-                replica.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._kill(replica)
+    def _pods_of(self, run: JobRun) -> Iterable[Pod]:
+        return run.replicas.values()
 
     # -- what tests look at ----------------------------------------------------------------------
-    def created(self, name: str) -> list[str]:
-        """The uids of every PyTorchJob named ``name`` seen so far (one per creation)."""
-        with self._lock:
-            return list(self._created.get(name, []))
-
     def replicas(self, name: str) -> list[Replica]:
         """The replicas of the newest PyTorchJob named ``name``."""
         with self._lock:
@@ -258,11 +223,10 @@ class TrainingOperator:
 
     def signal(self, name: str, rtype: str, index: int, sig: int) -> None:
         """Send ``sig`` to a replica's main process (a preemption: the kubelet's SIGTERM)."""
-        replica = next(r for r in self.replicas(name) if (r.rtype, r.index) == (rtype, index))
-        if not replica.alive():
-            raise AssertionError(f"{name} {replica.name} is not running")
-        assert replica.proc is not None
-        os.kill(replica.proc.pid, sig)
+        found = next(r for r in self.replicas(name) if (r.rtype, r.index) == (rtype, index))
+        if not found.alive():
+            raise AssertionError(f"{name} {found.name} is not running")
+        found.signal(sig)
 
     def logs(self, name: str, lines: int = 30) -> str:
         """The last lines of every replica log of ``name``, for failure messages."""
@@ -275,44 +239,6 @@ class TrainingOperator:
         return "\n".join(parts)
 
     # -- the control loop ------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                items = self._custom.list_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL
-                )["items"]
-                seen = set()
-                for obj in items:
-                    seen.add(obj["metadata"]["uid"])
-                    self._sync(obj)
-                with self._lock:
-                    gone = [run for uid, run in self._runs.items() if uid not in seen]
-                for run in gone:
-                    self._delete(run)
-            except Exception as exc:  # keep playing; the test sees the error list
-                self.errors.append(repr(exc))
-            self._stop.wait(self.poll)
-
-    def _run_for(self, obj: dict[str, Any]) -> JobRun:
-        meta = obj["metadata"]
-        with self._lock:
-            run = self._runs.get(meta["uid"])
-            if run is None:
-                run = JobRun(
-                    name=meta["name"],
-                    uid=meta["uid"],
-                    port=free_port(),
-                    workdir=self.workdir / f"{meta['name']}-{meta['uid'][:8]}",
-                )
-                specs = obj["spec"]["pytorchReplicaSpecs"]
-                for rtype in REPLICA_TYPES:
-                    for index in range(int((specs.get(rtype) or {}).get("replicas", 0))):
-                        rank = index + 1 if rtype == "Worker" else index
-                        run.replicas[(rtype, index)] = Replica(rtype, index, rank)
-                self._runs[meta["uid"]] = run
-                self._created.setdefault(meta["name"], []).append(meta["uid"])
-            return run
-
     def _sync(self, obj: dict[str, Any]) -> None:
         run = self._run_for(obj)
         name = run.name
@@ -369,10 +295,8 @@ class TrainingOperator:
         backoff_limit = run_policy.get("backoffLimit")
         now = time.monotonic()
         for replica in run.replicas.values():
-            if replica.proc is not None and replica.proc.poll() is not None:
-                code = exit_code(replica.proc.returncode)
-                replica.exit_codes.append(code)
-                replica.proc = None
+            code = replica.reap()
+            if code is not None:
                 if code == 0:
                     replica.succeeded = True
                 elif is_retryable(code):
@@ -425,11 +349,10 @@ class TrainingOperator:
     ) -> list[dict[str, Any]]:
         name = run.name
         grace = self._grace(obj)
+        now = time.monotonic()
         for replica in run.replicas.values():
-            self._stop_replica(replica, grace)
-            if replica.proc is not None and replica.proc.poll() is not None:
-                replica.exit_codes.append(exit_code(replica.proc.returncode))
-                replica.proc = None
+            replica.stop(grace, now)
+            replica.reap()
             replica.restart_at = 0.0
         if any(r.alive() for r in run.replicas.values()):
             return conditions  # the pods are terminating
@@ -449,104 +372,28 @@ class TrainingOperator:
         one still running after the grace period is stopped, as this host has no pods to keep.
         """
         for replica in run.replicas.values():
-            if replica.proc is not None and replica.proc.poll() is not None:
-                code = exit_code(replica.proc.returncode)
-                replica.exit_codes.append(code)
-                replica.succeeded = replica.succeeded or code == 0
-                replica.proc = None
+            code = replica.reap()
+            replica.succeeded = replica.succeeded or code == 0
         now = time.monotonic()
         if run.finished_at is None:
             run.finished_at = now
         if now - run.finished_at < self._grace(obj):
             return
         for replica in run.replicas.values():
-            self._stop_replica(replica, 5.0)
+            replica.stop(5.0, now)
 
     def _delete(self, run: JobRun) -> None:
+        now = time.monotonic()
         for replica in run.replicas.values():
-            self._stop_replica(replica, self.grace_cap)
+            replica.stop(self.kubelet.grace_cap, now)
         if not any(r.alive() for r in run.replicas.values()):
             with self._lock:
                 self._runs.pop(run.uid, None)
 
     def _grace(self, obj: dict[str, Any]) -> float:
-        template = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-        return min(float(template.get("terminationGracePeriodSeconds", 30)), self.grace_cap)
+        return self.kubelet.grace(obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"])
 
     # -- processes -------------------------------------------------------------------------------
-    def _signal(self, replica: Replica, sig: int) -> None:
-        if replica.alive():
-            assert replica.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(replica.proc.pid, sig)
-
-    def _kill(self, replica: Replica) -> None:
-        if replica.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(replica.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                replica.proc.wait(10)
-
-    def _stop_replica(self, replica: Replica, grace: float) -> None:
-        """The kubelet deleting a pod: SIGTERM now, SIGKILL once the grace period is over."""
-        if not replica.alive():
-            replica.stop_deadline = None
-            return
-        now = time.monotonic()
-        if replica.stop_deadline is None:
-            replica.stop_deadline = now + grace
-            self._signal(replica, signal.SIGTERM)
-        elif now >= replica.stop_deadline:
-            self._kill(replica)
-
-    def _container(self, obj: dict[str, Any], rtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        pod = obj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]
-        container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
-        return pod, container
-
-    def _mounts(
-        self, pod: dict[str, Any], container: dict[str, Any], root: Path
-    ) -> dict[str, Path]:
-        """Prepare the volumes of one pod; mount path → local folder."""
-        volumes = {v["name"]: v for v in pod.get("volumes") or []}
-        mounts: dict[str, Path] = {}
-        for mount in container.get("volumeMounts") or []:
-            volume = volumes[mount["name"]]
-            folder = root / "volumes" / mount["name"]
-            folder.mkdir(parents=True, exist_ok=True)
-            if "configMap" in volume:
-                cm = self._core.read_namespaced_config_map(
-                    volume["configMap"]["name"], self.namespace
-                )
-                for key, value in (cm.data or {}).items():
-                    (folder / key).write_text(value)
-            elif "emptyDir" not in volume:
-                raise NotImplementedError(f"volume {mount['name']}: only configMap and emptyDir")
-            mounts[mount["mountPath"].rstrip("/") or "/"] = folder
-        return mounts
-
-    @staticmethod
-    def _translate(value: str, mounts: Mapping[str, Path]) -> str:
-        for path in sorted(mounts, key=len, reverse=True):
-            if value == path or value.startswith(path + "/"):
-                return str(mounts[path]) + value[len(path) :]
-        return value
-
-    def _env_from(self, container: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for source in container.get("envFrom") or []:
-            if "secretRef" in source:
-                secret = self._core.read_namespaced_secret(
-                    source["secretRef"]["name"], self.namespace
-                )
-                env.update({k: b64decode(v).decode() for k, v in (secret.data or {}).items()})
-            elif "configMapRef" in source:
-                cm = self._core.read_namespaced_config_map(
-                    source["configMapRef"]["name"], self.namespace
-                )
-                env.update(cm.data or {})
-        return env
-
     def _operator_env(self, run: JobRun, obj: dict[str, Any], replica: Replica) -> dict[str, str]:
         """What setPodEnv adds, after the container's own variables (so it wins)."""
         specs = obj["spec"]["pytorchReplicaSpecs"]
@@ -568,44 +415,19 @@ class TrainingOperator:
         }
 
     def _start(self, run: JobRun, obj: dict[str, Any], replica: Replica) -> None:
-        pod, container = self._container(obj, replica.rtype)
+        pod = obj["spec"]["pytorchReplicaSpecs"][replica.rtype]["template"]["spec"]
         attempt = replica.starts
-        root = run.workdir / f"{replica.name}-{attempt}"
-        root.mkdir(parents=True, exist_ok=True)
         try:
-            mounts = self._mounts(pod, container, root)
-            env_from = self._env_from(container)
+            self.kubelet.start(
+                replica,
+                pod,
+                CONTAINER,
+                injected=self._operator_env(run, obj, replica),
+                root=run.workdir / f"{replica.name}-{attempt}",
+                log_path=run.workdir / f"{replica.name}-{attempt}.log",
+            )
         except Exception as exc:  # e.g. the ConfigMap is not there yet: the pod would wait
             self.errors.append(f"{run.name} {replica.name}: {exc!r}")
-            return
-        env = {k: os.environ[k] for k in _HOST_ENV if k in os.environ}
-        env.update(self.node_env)
-        env.update(env_from)
-        for var in container.get("env") or []:
-            if "value" in var:
-                env[var["name"]] = self._translate(str(var["value"]), mounts)
-        env.update(self._operator_env(run, obj, replica))
-        if "/tmp" in mounts:  # the container's /tmp, not ours
-            env["TMPDIR"] = str(mounts["/tmp"])
-        # The image's entrypoint is a host command (this venv's python), not a container path:
-        # only what the container spec says is translated to the volumes the fixture mounts.
-        container_command = container.get("command") or []
-        command = [self._translate(c, mounts) for c in container_command] or self.entrypoint
-        argv = [*command, *(self._translate(a, mounts) for a in container.get("args") or [])]
-        cwd = Path(self._translate(container.get("workingDir") or "", mounts) or root)
-        log_path = run.workdir / f"{replica.name}-{attempt}.log"
-        with log_path.open("wb") as log:
-            replica.proc = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=cwd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, as a container's cgroup
-            )
-        replica.starts += 1
-        replica.logs.append(log_path)
-        replica.stop_deadline = None
 
 
 def wait_until(

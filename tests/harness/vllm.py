@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.vllm_launch import VllmLaunch, default_vllm_python
+from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 
@@ -55,6 +55,7 @@ class VllmServer:
         *,
         max_lora_rank: int = 16,
         wait: bool = True,
+        api_key: str | None = None,
     ) -> VllmServer:
         """Start a server on a free port; wait until it serves /v1/models unless told not to."""
         launch = VllmLaunch(
@@ -63,6 +64,7 @@ class VllmServer:
             port=free_port(),
             python=ensure_vllm_installed(),
             max_lora_rank=max_lora_rank,
+            api_key=api_key,
         )
         server = cls(launch, log_dir / f"vllm-{launch.port}.log")
         if wait:
@@ -78,9 +80,16 @@ class VllmServer:
         """Block until /v1/models answers."""
         self.process.wait_until(lambda: bool(self.models()), READY_TIMEOUT, "serving /v1/models")
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of this server sends: its API key, if it has one."""
+        key = self.launch.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def models(self) -> list[dict[str, Any]]:
         """What /v1/models lists: the base model and every loaded LoRA adapter."""
-        with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=5) as resp:  # noqa: S310
+        request = urllib.request.Request(f"{self.base_url}/v1/models", headers=self.headers)  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
             return list(json.load(resp)["data"])
 
     def adapters(self) -> set[str]:

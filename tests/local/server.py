@@ -1,4 +1,4 @@
-"""Local mode as a real process: ``python -m kubetune_api.local_mode`` on a free port."""
+"""Local mode as a real process: ``python -m kubetune_local`` on a free port."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class LocalServer:
         """Start local mode and wait until it answers."""
         self.port = free_port()
         self.runs += 1
-        argv = [sys.executable, "-m", "kubetune_api.local_mode", "--data-dir", str(self.data_dir)]
+        argv = [sys.executable, "-m", "kubetune_local", "--data-dir", str(self.data_dir)]
         argv += ["--port", str(self.port)] + ([] if self.vllm else ["--no-vllm"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
         env["KUBETUNE_LOCAL__POLL_SECONDS"] = "0.5"

@@ -19,14 +19,19 @@ import yaml
 from kubetune.events import JobEvent, read_events
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJobStatus, JobPhase
 from kubetune.ids import new_job_id
-from kubetune.objectstore import ObjectStore, S3ObjectStore
+from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune.settings import ObjectStoreSettings
+from kubetune_runtime.objectstore import ObjectStore, S3ObjectStore
+from tests.chart.chart import CHART, parse_manifests
+from tests.harness.crds import JOBSET_CRDS, KUEUE_CRDS, TRAINER_V2_CRDS
 from tests.harness.files import store_training_file
 from tests.harness.kube import KubeCluster
+from tests.harness.kueue import PYTORCHJOB_KIND, TRAINJOB_KIND, Kueue
 from tests.harness.operator import OperatorProcess
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Server
-from tests.harness.tools import Tool
+from tests.harness.tools import Tool, ensure_kube_tools
+from tests.harness.trainer_v2 import JOBSET, TRAINER, TRAINJOBS, TrainerV2
 from tests.harness.training_operator import (
     GROUP as PYTORCHJOB_GROUP,
 )
@@ -81,6 +86,66 @@ def jsonl(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
 
 
+def wait_for_phase(
+    status_of: Callable[[str], FineTuneJobStatus],
+    debug: Callable[[str], str],
+    name: str,
+    phases: Sequence[JobPhase],
+    timeout: float,
+) -> FineTuneJobStatus:
+    """Wait until ``status_of(name)`` is in one of ``phases``; a terminal phase not asked for
+    fails at once, with ``debug(name)``.
+    """
+
+    def reached() -> FineTuneJobStatus | None:
+        status = status_of(name)
+        if status.phase in phases:
+            return status
+        if status.phase in TERMINAL_PHASES:
+            raise AssertionError(
+                f"{name} ended {status.phase} while waiting for {phases}\n{debug(name)}"
+            )
+        return None
+
+    result: FineTuneJobStatus = wait_until(
+        reached, timeout, f"{name} to reach {phases}", lambda: debug(name)
+    )
+    return result
+
+
+def job_manifest(
+    namespace: str | None, training_file: str, name: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A FineTuneJob for the tiny model: 2 nodes of one CPU process each, 20 steps, a
+    checkpoint every 5; ``spec`` overrides (``hyperparameters`` merges).
+    """
+    hyperparameters = {
+        "nEpochs": 2,
+        "batchSize": 4,
+        "learningRateMultiplier": 1.0,
+        **spec.pop("hyperparameters", {}),
+    }
+    metadata: dict[str, Any] = {"name": name or new_job_id(), "labels": {LABEL_ORG: ORG}}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": metadata,
+        "spec": {
+            "org": ORG,
+            "model": MODEL,
+            "trainingFile": training_file,
+            "seed": 1234,
+            "method": {"type": "supervised", "hyperparameters": hyperparameters},
+            "adapter": {"type": "lora", "r": 8, "alpha": 16},
+            "resources": {"nodes": 2, "gpusPerNode": 0},
+            "checkpointing": {"everySteps": 5, "keep": 2},
+            **spec,
+        },
+    }
+
+
 @dataclass
 class Testbed:
     """One test's world: namespace, store prefix, operator process, training-operator."""
@@ -93,7 +158,9 @@ class Testbed:
     api_client: Any
     kubectl: Tool
     operator: OperatorProcess
-    trainers: TrainingOperator
+    trainers: Any  # TrainingOperator (PyTorchJobs) or TrainerV2 (TrainJobs), by ``runtime``
+    runtime: str = "pytorchjob"
+    kueue: Kueue | None = None  # the Kueue stand-in, when the testbed has one
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -114,32 +181,7 @@ class Testbed:
 
     def manifest(self, training_file: str, name: str | None = None, **spec: Any) -> dict[str, Any]:
         """A FineTuneJob for the tiny model: 2 nodes, CPU, 20 steps."""
-        hyperparameters = {
-            "nEpochs": 2,
-            "batchSize": 4,
-            "learningRateMultiplier": 1.0,
-            **spec.pop("hyperparameters", {}),
-        }
-        return {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "FineTuneJob",
-            "metadata": {
-                "name": name or new_job_id(),
-                "namespace": self.namespace,
-                "labels": {LABEL_ORG: ORG},
-            },
-            "spec": {
-                "org": ORG,
-                "model": MODEL,
-                "trainingFile": training_file,
-                "seed": 1234,
-                "method": {"type": "supervised", "hyperparameters": hyperparameters},
-                "adapter": {"type": "lora", "r": 8, "alpha": 16},
-                "resources": {"nodes": 2, "gpusPerNode": 0},
-                "checkpointing": {"everySteps": 5, "keep": 2},
-                **spec,
-            },
-        }
+        return job_manifest(self.namespace, training_file, name, **spec)
 
     def apply(self, manifest: dict[str, Any]) -> str:
         """``kubectl apply -f -`` the manifest; returns the job's name."""
@@ -176,6 +218,43 @@ class Testbed:
         )["items"]
         return items
 
+    def trainjobs(self) -> list[dict[str, Any]]:
+        """Every TrainJob in the namespace."""
+        items: list[dict[str, Any]] = self.custom.list_namespaced_custom_object(
+            *TRAINER, self.namespace, TRAINJOBS
+        )["items"]
+        return items
+
+    def jobset(self, name: str) -> dict[str, Any]:
+        """The JobSet of a TrainJob."""
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            *JOBSET[:2], self.namespace, JOBSET[2], name
+        )
+        return result
+
+    def workloads(self) -> list[dict[str, Any]]:
+        """Every workload of this testbed's runtime (TrainJobs or PyTorchJobs)."""
+        return self.trainjobs() if self.runtime == "trainjob" else self.pytorchjobs()
+
+    def pod_templates(self, name: str) -> list[dict[str, Any]]:
+        """The pod templates the training controller makes the job's pods from: the JobSet's
+        (a TrainJob's, merged by the Trainer v2 stand-in), or the PyTorchJob's replicas'.
+        """
+        if self.runtime == "trainjob":
+
+            def jobset() -> dict[str, Any] | None:
+                with contextlib.suppress(Exception):
+                    return self.jobset(name)
+                return None
+
+            built = self.wait(jobset, f"the JobSet of {name}")
+            return [r["template"]["spec"]["template"] for r in built["spec"]["replicatedJobs"]]
+        (workload,) = self.wait(
+            lambda: [w for w in self.workloads() if w["metadata"]["name"] == name],
+            f"the PyTorchJob of {name}",
+        )
+        return [r["template"] for r in workload["spec"]["pytorchReplicaSpecs"].values()]
+
     def kube_events(self, name: str) -> list[Any]:
         """The Kubernetes Events about the job, oldest first."""
         events = self.core.list_namespaced_event(
@@ -199,6 +278,8 @@ class Testbed:
                 parts.append(f"status: unavailable ({exc!r})")
             parts.append(f"replica logs:\n{self.trainers.logs(name)}")
         parts.append(f"fixture errors: {self.trainers.errors[-5:]}")
+        if self.kueue is not None:
+            parts.append(f"kueue errors: {self.kueue.errors[-5:]}, flips: {self.kueue.flips}")
         parts.append(self.operator.logs())
         return "\n".join(parts)
 
@@ -206,26 +287,38 @@ class Testbed:
         self, name: str, *phases: JobPhase, timeout: float = JOB_TIMEOUT
     ) -> FineTuneJobStatus:
         """Wait until the job is in one of ``phases``; a terminal phase not asked for fails."""
-
-        def reached() -> FineTuneJobStatus | None:
-            status = self.status(name)
-            if status.phase in phases:
-                return status
-            terminal = {JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED}
-            if status.phase in terminal:
-                raise AssertionError(
-                    f"{name} ended {status.phase} while waiting for {phases}\n{self.debug(name)}"
-                )
-            return None
-
-        result: FineTuneJobStatus = wait_until(
-            reached, timeout, f"{name} to reach {phases}", lambda: self.debug(name)
-        )
-        return result
+        return wait_for_phase(self.status, self.debug, name, phases, timeout)
 
     def wait(self, predicate: Callable[[], Any], what: str, timeout: float = JOB_TIMEOUT) -> Any:
         """Wait for ``predicate`` with this testbed's debug output on timeout."""
         return wait_until(predicate, timeout, what, self.debug)
+
+
+def install_training_runtime(
+    kube: KubeCluster, namespace: str, settings: Mapping[str, str], profiles: str | None = None
+) -> str:
+    """Render the chart's ClusterTrainingRuntime for one test (named after its namespace, with
+    its backoff limit and grace period, and one per hardware profile with a runtime class) and
+    create them, with the Trainer v2 and JobSet CRDs; returns the main one's name.
+    """
+    kube.ensure_crds(TRAINER_V2_CRDS + JOBSET_CRDS)
+    values = [
+        f"fullnameOverride={namespace}",
+        f"trainer.metricsPort={settings.get('trainer_metrics_port', '9400')}",
+        f"trainer.credentialsSecret={CREDENTIALS_SECRET}",
+        f"trainer.maxRestarts={settings.get('backoff_limit', '6')}",
+        f"trainer.terminationGracePeriodSeconds={settings.get('termination_grace_seconds', '60')}",
+    ]
+    helm = Tool(ensure_kube_tools()["helm"], {"KUBECONFIG": "/dev/null"})
+    args = ["template", "kt", str(CHART), "--show-only", "templates/trainer-runtime.yaml"]
+    for value in values:
+        args += ["--set", value]
+    if profiles is not None:
+        args += ["--set-json", f"trainer.hardwareProfiles={profiles}"]
+    runtime, *per_profile = parse_manifests(helm(*args))
+    for body in (runtime, *per_profile):
+        kube.create_cluster_object(body)
+    return str(runtime["metadata"]["name"])
 
 
 def operator_env(
@@ -241,6 +334,9 @@ def operator_env(
         "KUBETUNE_MODELS": json.dumps(
             [{"id": MODEL, "path": str(model), "context_length": CONTEXT_LENGTH}]
         ),
+        # The training-operator stand-in runs PyTorchJobs; make_testbed(runtime="trainjob")
+        # switches to Kubeflow Trainer v2's TrainJobs and its stand-in.
+        "KUBETUNE_OPERATOR__RUNTIME": "pytorchjob",
         "KUBETUNE_OPERATOR__CREDENTIALS_SECRET": CREDENTIALS_SECRET,
         "KUBETUNE_OPERATOR__RECONCILE_SECONDS": "1",
         "KUBETUNE_OPERATOR__PROGRESS_SECONDS": "0.5",
@@ -284,6 +380,9 @@ def make_testbed(
         *,
         entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
         start_operator: bool = True,
+        runtime: str = "pytorchjob",
+        kueue_quota: float | None = None,
+        env: Mapping[str, str] | None = None,
         **settings: str,
     ) -> Testbed:
         store_settings = ObjectStoreSettings(
@@ -293,17 +392,32 @@ def make_testbed(
             endpoint_url=s3.endpoint_url,
             region=REGION,
         )
-        trainers = TrainingOperator(
+        (tmp_path / "pods").mkdir(exist_ok=True)
+        controller: type[TrainerV2 | TrainingOperator] = TrainingOperator
+        if runtime == "trainjob":
+            profiles = (env or {}).get("KUBETUNE_OPERATOR__HARDWARE_PROFILES")
+            name = install_training_runtime(kube, namespace, settings, profiles)
+            settings = {**settings, "runtime": "trainjob", "training_runtime": name}
+            controller = TrainerV2
+        trainers = controller(
             kube.api_client(),
             namespace,
             tmp_path / "pods",
             entrypoint=entrypoint,
             node_env=NODE_ENV,
         ).start()
-        (tmp_path / "pods").mkdir(exist_ok=True)
-        operator = OperatorProcess(
-            operator_env(kube, s3, namespace, tiny_model, **settings), tmp_path
-        )
+        operator_environment = {
+            **operator_env(kube, s3, namespace, tiny_model, **settings),
+            **(env or {}),
+        }
+        kueue = None
+        if kueue_quota is not None:
+            # Kueue admits the jobs of the testbed's queue, with this many cores of quota.
+            kube.ensure_crds(KUEUE_CRDS)
+            kind = TRAINJOB_KIND if runtime == "trainjob" else PYTORCHJOB_KIND
+            kueue = Kueue(kube.api_client(), namespace, kind, quota=kueue_quota).start()
+            operator_environment["KUBETUNE_QUEUEING__KUEUE"] = "true"
+        operator = OperatorProcess(operator_environment, tmp_path)
         testbed = Testbed(
             namespace=namespace,
             store=S3ObjectStore(s3.bucket, client=s3.client(), internal_prefix=namespace),
@@ -312,6 +426,8 @@ def make_testbed(
             kubectl=kubectl,
             operator=operator,
             trainers=trainers,
+            runtime=runtime,
+            kueue=kueue,
         )
         made.append(testbed)
         if start_operator:
@@ -322,6 +438,8 @@ def make_testbed(
     for testbed in made:
         testbed.operator.stop()
         testbed.trainers.stop()
+        if testbed.kueue is not None:
+            testbed.kueue.stop()
 
 
 @pytest.fixture

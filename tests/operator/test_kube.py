@@ -10,7 +10,8 @@ import pytest
 from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJob
 from kubetune.settings import OperatorSettings
 from kubetune_operator import manifests
-from kubetune_operator.kube import Conflict, KubeClient
+from kubetune_operator.kube import PYTORCHJOB, Conflict, KubeClient, KubeJobStore
+from kubetune_operator.pytorchjob import pytorchjob
 
 
 @pytest.fixture
@@ -37,8 +38,8 @@ def owner(kube_api: Any, namespace: str) -> dict[str, Any]:
 def test_children_are_created_once_then_found(kube_api: Any, owner: dict[str, Any]) -> None:
     kube = KubeClient(kube_api)
     job = FineTuneJob.from_manifest(owner)
-    first = kube.ensure_pytorchjob(manifests.pytorchjob(job, OperatorSettings()), owner)
-    again = kube.ensure_pytorchjob(manifests.pytorchjob(job, OperatorSettings()), owner)
+    first = kube.ensure_workload(PYTORCHJOB, pytorchjob(job, OperatorSettings()), owner)
+    again = kube.ensure_workload(PYTORCHJOB, pytorchjob(job, OperatorSettings()), owner)
     assert again["metadata"]["uid"] == first["metadata"]["uid"]
     (ref,) = first["metadata"]["ownerReferences"]
     assert (ref["uid"], ref["controller"]) == (owner["metadata"]["uid"], True)
@@ -108,16 +109,18 @@ def test_a_metadata_only_change_does_not_waste_a_status_write(
         name,
         {"metadata": {"finalizers": ["kubetune.io/operator"], "annotations": {"a": "b"}}},
     )
-    with pytest.raises(Conflict):  # without the view it was computed from: refused
+    with pytest.raises(Conflict):  # the bare precondition refuses it
         kube.patch_job_status(namespace, name, stale, {"phase": "validating_files"})
-    written = kube.patch_job_status(
-        namespace, name, stale, {"phase": "validating_files"}, based_on=owner
-    )
-    assert written["status"]["phase"] == "validating_files"
+    # The driver's store sees that only metadata moved since the job was read, and writes.
+    jobs = KubeJobStore(kube, namespace)
+    read = FineTuneJob.from_manifest(owner)
+    written = jobs.write_status(read, {"phase": "validating_files"})
+    assert written.status is not None
+    assert written.status.phase == "validating_files"
 
-    # The status moved since ``owner`` was read: the precondition holds, the write is refused.
+    # The status moved since ``read``: the precondition holds, the write is refused.
     with pytest.raises(Conflict):
-        kube.patch_job_status(namespace, name, stale, {"phase": "queued"}, based_on=owner)
+        jobs.write_status(read, {"phase": "queued"})
     assert (
         kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["status"][
             "phase"

@@ -11,12 +11,8 @@ from jsonschema import Draft7Validator
 
 from kubetune.finetunejob import FineTuneJob
 from kubetune.settings import OperatorSettings, Toleration
-from kubetune_operator.manifests import (
-    KUEUE_QUEUE_LABEL,
-    config_map,
-    configmap_name,
-    pytorchjob,
-)
+from kubetune_operator.manifests import KUEUE_QUEUE_LABEL, config_map, configmap_name
+from kubetune_operator.pytorchjob import pytorchjob
 from tests.harness.paths import REFERENCE_DIR
 
 JOB_ID = "ftjob-0mhx5k2ab00000000000001"
@@ -157,3 +153,30 @@ def test_the_validator_would_catch_a_broken_manifest():
     manifest["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
     with pytest.raises(Exception, match="not of type"):
         Draft7Validator(pytorchjob_schema()).validate(manifest)
+
+
+@pytest.mark.parametrize("workload", ["pytorchjob", "trainjob"])
+def test_the_trainer_config_carries_the_pods_grace_period_and_collective_timeout(
+    workload: str,
+) -> None:
+    from kubetune_operator.pytorchjob import PYTORCHJOB_WORKLOAD
+    from kubetune_operator.trainjob import TRAINJOB_WORKLOAD
+    from kubetune_operator.workloads import ClusterRuntime
+    from kubetune_runtime.faults import Faults
+
+    opts = OperatorSettings(termination_grace_seconds=900, collective_timeout_seconds=7200)
+    types = {"pytorchjob": PYTORCHJOB_WORKLOAD, "trainjob": TRAINJOB_WORKLOAD}
+    runtime = ClusterRuntime(
+        types[workload],
+        kube=None,  # type: ignore[arg-type]  # pure calls only: nothing reaches the apiserver
+        opts=opts,
+        namespace="ml",
+        faults=Faults(),
+    )
+    defaults = runtime.trainer_defaults
+    # The launcher gives torchrun's workers most of this; the pod must allow as much.
+    assert (defaults.stop_grace_seconds, defaults.collective_timeout_seconds) == (900, 7200)
+    assert defaults.cpu_fallback is False  # a cluster's GPU job never trains on a CPU
+    if workload == "pytorchjob":
+        specs = pytorchjob(job(), opts)["spec"]["pytorchReplicaSpecs"]
+        assert specs["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900

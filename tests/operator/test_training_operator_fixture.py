@@ -16,13 +16,14 @@ import pytest
 
 from kubetune.finetunejob import FineTuneJob
 from kubetune.settings import OperatorSettings
-from kubetune_operator.manifests import config_map, pytorchjob
+from kubetune_operator.manifests import config_map
+from kubetune_operator.pytorchjob import pytorchjob
+from tests.harness.kubelet import exit_code
 from tests.harness.training_operator import (
     GROUP,
     PLURAL,
     VERSION,
     TrainingOperator,
-    exit_code,
     is_true,
     set_condition,
     wait_until,

@@ -36,11 +36,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_serving_model(tmp_path_factory.mktemp("serving-model"))
 
 
+VLLM_API_KEY = "serving-tests-vllm-key"  # vLLM runs guarded, as the chart runs it
+
+
 @pytest.fixture(scope="session")
 def vllm_a(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """The first vLLM replica, started once per session."""
     server = VllmServer.start(
-        tiny_model, MODEL, tmp_path_factory.mktemp("vllm-a"), max_lora_rank=MAX_LORA_RANK
+        tiny_model,
+        MODEL,
+        tmp_path_factory.mktemp("vllm-a"),
+        max_lora_rank=MAX_LORA_RANK,
+        api_key=VLLM_API_KEY,
     )
     yield server
     server.stop()
@@ -54,6 +61,7 @@ class Sidecar:
     port: int
     adapter_dir: Path
     vllm: VllmServer
+    metrics_port: int  # where it relays vLLM's /metrics
 
     @property
     def url(self) -> str:
@@ -81,6 +89,7 @@ def sidecar_env(
         "KUBETUNE_SERVING__ADAPTER_SYNC_HOST": "127.0.0.1",
         "KUBETUNE_SERVING__ADAPTER_SYNC_PORT": str(port),
         "KUBETUNE_SERVING__MAX_LORA_RANK": str(vllm.launch.max_lora_rank),
+        "KUBETUNE_SERVING__VLLM_API_KEY": vllm.launch.api_key or "",
     }
 
 
@@ -92,17 +101,19 @@ def start_sidecar(
     started: list[Sidecar] = []
 
     def start(vllm: VllmServer, name: str) -> Sidecar:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         adapter_dir = tmp_path / f"adapters-{name}"
         adapter_dir.mkdir()
+        env = sidecar_env(s3, namespace, vllm, tiny_model, adapter_dir, port)
+        env["KUBETUNE_SERVING__METRICS_PORT"] = str(metrics_port)
         process = ServerProcess(
             f"adapter-sync-{name}",
             [sys.executable, "-m", "kubetune_operator.adapter_sync"],
             tmp_path / f"adapter-sync-{name}.log",
-            env=sidecar_env(s3, namespace, vllm, tiny_model, adapter_dir, port),
+            env=env,
             cwd=REPO_ROOT,
         )
-        sidecar = Sidecar(process, port, adapter_dir, vllm)
+        sidecar = Sidecar(process, port, adapter_dir, vllm, metrics_port)
         started.append(sidecar)
         process.wait_until(sidecar.healthy, 60, "serving /healthz")
         return sidecar
@@ -140,20 +151,49 @@ def vllm_pod(name: str, sidecar_port: int) -> dict[str, Any]:
     }
 
 
+def pod_status(sidecar_ready: bool) -> dict[str, Any]:
+    """A running replica's status as the kubelet writes it: vLLM's container ready, the
+    sidecar's as its readiness probe says, the pod Ready when both are.
+    """
+    ready = "True" if sidecar_ready else "False"
+    return {
+        "phase": "Running",
+        "podIP": "127.0.0.1",
+        "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [
+            {"type": "ContainersReady", "status": ready},
+            {"type": "Ready", "status": ready},
+        ],
+        "containerStatuses": [
+            {"name": name, "ready": is_ready, "restartCount": 0, "image": image, "imageID": ""}
+            for name, is_ready, image in (
+                ("vllm", True, "vllm"),
+                ("adapter-sync", sidecar_ready, "operator"),
+            )
+        ],
+    }
+
+
+def sidecar_ready(sidecar: Sidecar) -> bool:
+    """The sidecar's readiness probe (GET /readyz)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.port}/readyz", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def start_replica(testbed: Testbed, name: str, sidecar: Sidecar) -> None:
-    """Create the replica's Pod and write its status as a kubelet would once it is ready."""
+    """Create the replica's Pod, write its status as the kubelet does once vLLM is up, and play
+    the sidecar's readiness probe until the pod turns Ready (the operator's first push).
+    """
     testbed.core.create_namespaced_pod(testbed.namespace, vllm_pod(name, sidecar.port))
     testbed.core.patch_namespaced_pod_status(
-        name,
-        testbed.namespace,
-        {
-            "status": {
-                "phase": "Running",
-                "podIP": "127.0.0.1",
-                "podIPs": [{"ip": "127.0.0.1"}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            }
-        },
+        name, testbed.namespace, {"status": pod_status(sidecar_ready=False)}
+    )
+    testbed.wait(lambda: sidecar_ready(sidecar), f"{name}'s sidecar to be ready", 60)
+    testbed.core.patch_namespaced_pod_status(
+        name, testbed.namespace, {"status": pod_status(sidecar_ready=True)}
     )
 
 
@@ -169,6 +209,7 @@ def complete(vllm: VllmServer, model: str, prompt: str) -> str:
     """A greedy chat completion from ``model`` on ``vllm``, asked as the training data asks."""
     response = httpx.post(
         f"{vllm.base_url}/v1/chat/completions",
+        headers=vllm.headers,
         json={
             "model": model,
             "messages": [

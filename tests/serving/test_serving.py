@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase
@@ -30,9 +31,11 @@ from tests.operator.conftest import (
 from tests.serving.conftest import (
     MAX_LORA_RANK,
     SYNC_SECONDS,
+    VLLM_API_KEY,
     Sidecar,
     complete,
     serving_testbed,
+    sidecar_ready,
     start_replica,
 )
 from tests.trainer.tiny import question
@@ -100,13 +103,31 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
     testbed.wait(lambda: served_on(testbed, name) == ["vllm-a"], "served on vllm-a", SERVE_TIMEOUT)
     assert model in vllm_a.adapters()
     assert (sidecar_a.adapter_dir / model / "adapter_config.json").exists()
+    # vLLM's metrics, on the sidecar's metrics port (what Prometheus scrapes), and nothing else.
+    relay = f"http://127.0.0.1:{sidecar_a.metrics_port}"
+    scraped = httpx.get(f"{relay}/metrics", timeout=30)
+    assert scraped.status_code == 200
+    assert "vllm:num_requests_running" in scraped.text
+    assert httpx.get(f"{relay}/adapters", timeout=30).status_code == 404
 
     # A replica started after the job succeeded catches up.
-    vllm_b = VllmServer.start(tiny_model, vllm_a.launch.served_model_name, tmp_path)
+    vllm_b = VllmServer.start(
+        tiny_model, vllm_a.launch.served_model_name, tmp_path, api_key=VLLM_API_KEY
+    )
     try:
         assert vllm_b.adapters() == set()
+        # Without the key, nothing else on the network may load an adapter into vLLM.
+        refused = httpx.post(
+            f"{vllm_b.base_url}/v1/load_lora_adapter",
+            json={"lora_name": model, "lora_path": str(sidecar_a.adapter_dir / model)},
+            timeout=30,
+        )
+        assert refused.status_code == 401
         sidecar_b = start_sidecar(vllm_b, "b")
+        assert not sidecar_ready(sidecar_b)  # no push yet: the pod would not take traffic
         start_replica(testbed, "vllm-b", sidecar_b)
+        # The pod turned Ready (its Service sends it requests) holding the adapter already.
+        assert model in vllm_b.adapters()
         testbed.wait(
             lambda: served_on(testbed, name) == ["vllm-a", "vllm-b"],
             "served on both replicas",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.objectstore import LocalObjectStore, S3ObjectStore
 from kubetune.settings import ObjectStoreBackend, ObjectStoreSettings
+from kubetune_runtime.objectstore import LocalObjectStore, S3ObjectStore
 from tests.harness.s3 import REGION, S3Server
 from tests.trainer.harness import Job, make_job
 from tests.trainer.tiny import build_model, jsonl, sft_examples

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.events import EventType, JobEvent, read_events
+from kubetune.finetunejob import Resources
 from kubetune.ids import new_file_id, new_job_id
-from kubetune.objectstore import ObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_config import BaseModelSource, ResolvedHyperparameters, TrainerConfig
 from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_runtime.objectstore import ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]
 ORG = "default"
@@ -133,6 +134,7 @@ def make_job(
         "hyperparameters": ResolvedHyperparameters(**hp),
         "adapter": {"r": 8, "alpha": 16, "dropout": 0.1},
         "checkpointing": {"every_steps": 5, "keep": 2},
+        "resources": Resources(gpus_per_node=0),  # the CPU: a GPU job would need CUDA
         "seed": 1234,
         "max_seq_length": 128,
         "n_evals": 2 if valid is not None else 0,

@@ -10,7 +10,6 @@ import pytest
 from kubetune.events import EventType, JobEvent, read_events
 from kubetune.finetunejob import FineTuneJob, MethodType, ObjectMeta
 from kubetune.ids import new_job_id
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import BaseModelEntry, ObjectStoreSettings, Settings
 from kubetune.storage_layout import StorageLayout
 from kubetune.trainer_config import (
@@ -26,6 +25,7 @@ from kubetune.trainer_events import (
     message_data,
     step_metrics,
 )
+from kubetune_runtime.objectstore import LocalObjectStore
 from kubetune_trainer import exit_codes
 from kubetune_trainer.callbacks import examples_seen
 from kubetune_trainer.checkpoints import CheckpointStore
@@ -122,6 +122,21 @@ def test_launcher_maps_the_pytorchjob_environment() -> None:
     assert args[-4:] == ["-m", "kubetune_trainer", "--config", "c.json"]
     assert not is_single_process(env)
     assert is_single_process({})
+
+
+def test_launcher_maps_the_trainjob_environment() -> None:
+    # What Kubeflow Trainer v2's torch plugin sets on each node's pod.
+    env = {
+        "PET_NNODES": "2",
+        "PET_NODE_RANK": "1",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_MASTER_ADDR": "job-node-0-0.job",
+        "PET_MASTER_PORT": "29500",
+    }
+    pairs = dict(zip(*[iter(torchrun_args(env, [])[:-2])] * 2, strict=True))
+    assert pairs["--master_addr"] == "job-node-0-0.job"
+    assert pairs["--master_port"] == "29500"
+    assert (pairs["--nnodes"], pairs["--node_rank"], pairs["--nproc_per_node"]) == ("2", "1", "4")
 
 
 def test_exit_code_of_a_pod_from_its_workers() -> None:
@@ -229,23 +244,28 @@ def test_infrastructure_failures_are_retried_and_bugs_are_not() -> None:
         ("deepspeed-zero3", {"stage": 3}),
     ],
 )
-def test_strategies_on_cuda_map_to_accelerate(
-    monkeypatch: pytest.MonkeyPatch, strategy: str, expected: dict[str, object]
-) -> None:
-    from kubetune_trainer import methods
+def test_strategies_on_cuda_map_to_accelerate(strategy: str, expected: dict[str, object]) -> None:
+    from kubetune_trainer.device import Device
+    from kubetune_trainer.methods import Hardware, common_args
 
     job = _job(strategy=strategy, resources={"nodes": 2, "gpusPerNode": 8})
     config = build_trainer_config(job, _settings("/m"), n_train_examples=64)
-    cpu = methods.common_args(config, Path("/tmp/out"), world_size=1)
+    cpu = common_args(config, Path("/tmp/out"), Hardware(world_size=1))
     assert (cpu["use_cpu"], cpu["bf16"], "fsdp" in cpu, "deepspeed" in cpu) == (
         True,
         False,
         False,
         False,
     )
-    monkeypatch.setattr(methods, "use_cuda", lambda _config: True)
-    gpu = methods.common_args(config, Path("/tmp/out"), world_size=16)
-    assert (gpu["use_cpu"], gpu["bf16"], gpu["gradient_checkpointing"]) == (False, True, True)
+    h100 = Device(cuda=True, precision="bf16", attention="flex_attention", memory_bytes=80 << 30)
+    gpu = common_args(
+        config, Path("/tmp/out"), Hardware(world_size=16, distributed=True, device=h100)
+    )
+    assert (gpu["use_cpu"], gpu["bf16"]) == (False, True)
+    # Activation checkpointing on GPU: by FSDP inside its wrapping, else by the Trainer.
+    assert gpu["activation_checkpointing"] is (strategy != "fsdp")
+    if strategy == "fsdp":
+        assert gpu["fsdp_config"]["activation_checkpointing"] is True
     if "stage" in expected:
         assert gpu["deepspeed"]["zero_optimization"]["stage"] == expected["stage"]
     else:
@@ -279,3 +299,27 @@ def test_config_errors_name_the_field_at_fault() -> None:
     with pytest.raises(ConfigError) as caught:
         build_trainer_config(_job(model="other"), _settings(), n_train_examples=10)
     assert caught.value.param == "model"
+
+
+def test_a_job_made_without_the_api_cannot_name_a_tracking_server_either() -> None:
+    from kubetune.settings import TrackingSettings, url_under
+    from kubetune.trainer_config import ConfigError
+
+    mlflow = {"type": "mlflow", "mlflow": {"experiment": "e", "trackingUri": "http://10.0.0.1/"}}
+    with pytest.raises(ConfigError) as caught:
+        build_trainer_config(_job(integrations=[mlflow]), _settings("/m"), n_train_examples=64)
+    assert (caught.value.code, caught.value.param) == (
+        "tracking_uri_not_allowed",
+        "integrations[0].mlflow.tracking_uri",
+    )
+    allowed = _settings("/m").model_copy(
+        update={"tracking": TrackingSettings(mlflow_tracking_uris=["http://10.0.0.1"])}
+    )
+    config = build_trainer_config(_job(integrations=[mlflow]), allowed, n_train_examples=64)
+    assert config.integrations[0].mlflow is not None
+    # The prefix rule: scheme, host and port equal (default ports spelt or not), path inside.
+    assert url_under("https://m.example/a/b", "https://m.example:443/a")
+    assert not url_under("https://m.example/ab", "https://m.example/a")
+    assert not url_under("http://m.example/a", "https://m.example/a")
+    assert not url_under("https://m.example:x/a", "https://m.example/a")
+    assert not url_under("https://user:pw@m.example/a", "https://m.example/a")

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from kubetune.datasets import ChatExample
 from kubetune.finetunejob import MethodType
+from kubetune_runtime.datasets import ChatExample
 from kubetune_trainer.data import (
     IGNORE_INDEX,
     ChatRenderer,

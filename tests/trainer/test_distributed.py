@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.objectstore import S3ObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_runtime.objectstore import S3ObjectStore
 from tests.harness.paths import free_port
 from tests.harness.s3 import S3Server
 from tests.trainer.conftest import TRAIN, VALID
-from tests.trainer.harness import REPO, Job, make_job, max_abs_diff, trainer_env
+from tests.trainer.harness import ORG, REPO, Job, make_job, max_abs_diff, trainer_env
 
 pytestmark = pytest.mark.trainer
 
@@ -101,6 +101,11 @@ def test_two_nodes_preempted_at_step_7_resume_exactly(
     # Only rank 0 gets the signal; rank 1 learns it at the step boundary and stops too.
     assert _two_nodes(job, s3, launcher=True, extra=fault) == [143, 143]
     assert job.kinds()[-1] is TrainerEventKind.PREEMPTED
+    # The manifest lists every node's files with their digests (node 1 wrote its RNG state).
+    manifest = store.get_json(job.layout.checkpoint_manifest_key(ORG, job.config.job_id, 7))
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= set(
+        manifest["files"]
+    )
     assert _two_nodes(job, s3, launcher=True) == [0, 0]
     restarted = next(e for e in job.events() if event_kind(e) is TrainerEventKind.RESTARTED)
     assert restarted.data["step"] == 7

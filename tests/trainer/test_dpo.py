@@ -8,9 +8,9 @@ import pytest
 
 from kubetune.events import EventType
 from kubetune.finetunejob import MethodType
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_runtime.objectstore import LocalObjectStore
 from tests.trainer.harness import ORG, make_job
 from tests.trainer.tiny import dpo_examples, jsonl
 

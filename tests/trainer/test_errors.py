@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from kubetune.events import EventLevel
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_events import TrainerEventKind, event_kind
+from kubetune_runtime.objectstore import LocalObjectStore
 from kubetune_trainer import exit_codes
 from kubetune_trainer.main import main
+from tests.harness.paths import free_port
 from tests.trainer.harness import Job, make_job
 from tests.trainer.tiny import jsonl, sft_examples
 
@@ -65,3 +66,31 @@ def test_unreadable_config_is_an_internal_error(tmp_path: Path) -> None:
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"job_id": "nope"}))
     assert main(["--config", str(bad)]) == exit_codes.INTERNAL_ERROR
+
+
+def test_an_object_store_outage_is_retried_not_failed(
+    tiny_model: Path,
+    local_store: tuple[LocalObjectStore, ObjectStoreSettings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 refuses every connection: the run ends at once with the retryable code, so the
+    training controller restarts it (from its newest checkpoint) once the store is back.
+    """
+    import time
+
+    from kubetune.settings import ObjectStoreBackend
+
+    store, settings = local_store
+    job = make_job(store, settings, tiny_model, tmp_path / "job", jsonl(sft_examples(20)))
+    dead = free_port()
+    down = ObjectStoreSettings(
+        backend=ObjectStoreBackend.S3, endpoint_url=f"http://127.0.0.1:{dead}", region="us-east-1"
+    )
+    config = job.config.model_copy(update={"object_store": down})
+    job.config_path.write_text(config.model_dump_json())
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    started = time.monotonic()
+    assert _run(job) == exit_codes.RETRYABLE_ERROR
+    assert time.monotonic() - started < 30

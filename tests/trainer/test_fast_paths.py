@@ -20,10 +20,11 @@ import torch
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
+from kubetune_runtime.objectstore import LocalObjectStore
 from kubetune_trainer.data import ChatRenderer, load_file, tokenize_supervised
-from kubetune_trainer.methods import KubetuneSFTTrainer, sft_config
+from kubetune_trainer.device import CPU
+from kubetune_trainer.methods import Hardware, KubetuneSFTTrainer, sft_config
 from kubetune_trainer.model import load_model, load_tokenizer, lora_config
 from tests.trainer.harness import make_job
 from tests.trainer.tiny import jsonl, sft_examples
@@ -47,11 +48,11 @@ def sft_trainer(
     tokenizer = load_tokenizer(tiny_model, config)
     loaded = load_file(data, "file-x", config.method, param="training_file")
     columns, _ = tokenize_supervised(loaded, ChatRenderer(tokenizer, config.max_seq_length))
-    model = load_model(tiny_model, config)
+    model = load_model(tiny_model, config, CPU)
     torch.manual_seed(0)
     trainer = KubetuneSFTTrainer(
         model=model,
-        args=sft_config(config, tmp_path / "out", world_size=1),
+        args=sft_config(config, tmp_path / "out", Hardware()),
         train_dataset=Dataset.from_dict(columns),
         processing_class=tokenizer,
         peft_config=lora_config(config),
@@ -142,7 +143,7 @@ def test_cpu_config_turns_cuda_paths_off(
     assert not args.packing
     assert not args.bf16
     assert args.use_cpu
-    assert not args.gradient_checkpointing
+    assert not args.activation_checkpointing
     assert not args.use_liger_kernel
     assert not args.torch_compile
     assert next(trainer.model.parameters()).dtype == torch.float32

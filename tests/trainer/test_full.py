@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load
 from transformers import AutoModelForCausalLM
 
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
+from kubetune_runtime.objectstore import LocalObjectStore
 from tests.trainer.harness import ORG, make_job
 from tests.trainer.tiny import jsonl, sft_examples
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.objectstore import LocalObjectStore, S3ObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_events import TrainerEventKind, checkpoint_from_event, event_kind
+from kubetune_runtime.objectstore import LocalObjectStore, S3ObjectStore
 from tests.harness.s3 import S3Server
 from tests.trainer.conftest import TRAIN, VALID
 from tests.trainer.harness import ORG, REPO, Job, make_job, max_abs_diff, trainer_env
@@ -94,3 +94,39 @@ def test_external_sigterm_commits_the_current_step_and_exits_143(
     last = [c.step for e in events if (c := checkpoint_from_event(e))][-1]
     assert last == stopped  # the step it stopped at is committed, manifest and all
     assert store.exists(job.layout.checkpoint_manifest_key(ORG, job.config.job_id, stopped))
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before_it(
+    reference_run: Job,
+    tiny_model: Path,
+    local_store: tuple[LocalObjectStore, ObjectStoreSettings],
+    tmp_path: Path,
+) -> None:
+    store, settings = local_store
+    job = make_job(store, settings, tiny_model, tmp_path / "job", TRAIN, VALID)
+    assert job.run(env=FAULT) == 143  # checkpoints of steps 5 and 7 committed
+    manifest = store.get_json(job.layout.checkpoint_manifest_key(ORG, job.config.job_id, 7))
+    files = manifest["files"]
+    assert "adapter_model.safetensors" in files
+    assert "kubetune_state.json" in files
+    assert all(len(digest) == 64 for digest in files.values())
+    # The store loses the end of step 7's weights (a torn upload, a damaged object).
+    key = job.layout.checkpoint_prefix(ORG, job.config.job_id, 7) + "adapter_model.safetensors"
+    store.put_bytes(key, store.get_bytes(key)[:-100])
+
+    assert job.run() == 0
+    warning = next(
+        e
+        for e in job.events()
+        if event_kind(e) is TrainerEventKind.WARNING and "does not match" in e.message
+    )
+    assert warning.message == (
+        "The checkpoint of step 7 does not match its manifest (adapter_model.safetensors); "
+        "resuming from the one before it"
+    )
+    restarted = next(e for e in job.events() if event_kind(e) is TrainerEventKind.RESTARTED)
+    assert restarted.data["step"] == 5
+    # From step 5 the run is the uninterrupted one again, to the bit (CPU, fp32).
+    reference, resumed = reference_run.step_losses(), job.step_losses()
+    assert [resumed[s] for s in range(6, 21)] == [reference[s] for s in range(6, 21)]
+    assert max_abs_diff(reference_run.adapter_tensors(), job.adapter_tensors()) <= 1e-6

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetune.events import EventType
 from kubetune.finetunejob import VLLM_LORA_RANKS
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
 from kubetune.trainer_events import TrainerEventKind, checkpoint_from_event, event_kind
+from kubetune_runtime.objectstore import LocalObjectStore
 from tests.trainer.harness import ORG, Job, csv_rows, make_job
 from tests.trainer.tiny import HELD_OUT, TAUGHT_ANSWER, jsonl, question, sft_examples
 

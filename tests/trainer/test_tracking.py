@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.objectstore import LocalObjectStore
 from kubetune.settings import ObjectStoreSettings
+from kubetune_runtime.objectstore import LocalObjectStore
 from tests.trainer.harness import make_job
 from tests.trainer.tiny import jsonl, sft_examples
 

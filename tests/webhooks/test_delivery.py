@@ -19,7 +19,6 @@ import pytest
 from pydantic import SecretStr
 
 from kubetune.ids import new_job_id
-from kubetune.objectstore import ObjectStore, open_object_store
 from kubetune.settings import (
     ObjectStoreBackend,
     ObjectStoreSettings,
@@ -27,7 +26,8 @@ from kubetune.settings import (
     StaticWebhookEndpoint,
     WebhookSettings,
 )
-from kubetune.webhooks import (
+from kubetune_runtime.objectstore import ObjectStore, open_object_store
+from kubetune_runtime.webhooks import (
     OutboxEntry,
     WebhookEventType,
     WebhookSender,

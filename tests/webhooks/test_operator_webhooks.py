@@ -13,7 +13,8 @@ from pathlib import Path
 from kubetune.finetunejob import JobPhase
 from kubetune.ids import new_file_id
 from kubetune.settings import WebhookSettings
-from kubetune.webhooks import OutboxEntry, create_endpoint, new_secret
+from kubetune_runtime.faults import FAULT_ENV
+from kubetune_runtime.webhooks import OutboxEntry, create_endpoint, new_secret
 from tests.harness.kube import KubeCluster
 from tests.operator.conftest import (
     ORG,
@@ -118,7 +119,7 @@ def test_an_operator_killed_before_queueing_the_event_sends_it_after_restart(
         testbed.store, testbed.layout, ORG, receiver.url, LOOPBACK, secret=receiver.secret
     )
     # The terminal phase is written, then the process dies before the event is queued.
-    testbed.operator.start(env={"KUBETUNE_OPERATOR_FAULT": "before-webhook-announce"})
+    testbed.operator.start(env={FAULT_ENV: "before-webhook-announce"})
     try:
         failed = testbed.apply(testbed.manifest(new_file_id()))  # no such file: fails at once
         testbed.wait_phase(failed, JobPhase.FAILED, timeout=60)

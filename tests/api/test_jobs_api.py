@@ -1,0 +1,394 @@
+"""/v1/fine_tuning/jobs through the official OpenAI SDK (sync and async), on both backends.
+
+No operator runs here: where a test needs a job to be running, succeeded or checkpointed, it
+plays the operator by writing the job's status through the backend, as the operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+
+import openai
+import pytest
+
+from kubetune.finetunejob import CheckpointRef, FineTuneJobStatus, Metrics
+from kubetune.ids import new_checkpoint_id, results_file_id
+from tests.api.conftest import backend_of, chat_file, dpo_file, store_of
+from tests.harness.api import error_of
+from tests.harness.openapi import validate
+
+
+@pytest.fixture
+def training_file(api):
+    return (
+        api.client()
+        .files.create(file=("t.jsonl", io.BytesIO(chat_file(10))), purpose="fine-tune")
+        .id
+    )
+
+
+def play_operator(api, job_id, **status):
+    backend = backend_of(api)
+    return backend.update_status("acme", job_id, FineTuneJobStatus.model_validate(status))
+
+
+def test_create_resolves_auto_like_openai(api, training_file):
+    raw = api.client().fine_tuning.jobs.with_raw_response.create(
+        model="tiny-llama",
+        training_file=training_file,
+        suffix="bot",
+        seed=7,
+        metadata={"team": "search"},
+    )
+    validate("FineTuningJob", raw.http_response.json())
+    job = raw.parse()
+    assert job.id.startswith("ftjob-")
+    assert job.status == "validating_files"
+    assert job.model == "tiny-llama"
+    assert job.organization_id == "acme"
+    # 10 examples: OpenAI's rule gives min(25, 100 // 10) = 10 epochs.
+    assert job.hyperparameters.n_epochs == 10
+    assert job.hyperparameters.batch_size == 1
+    assert job.hyperparameters.learning_rate_multiplier == 1.0
+    assert job.method.type == "supervised"
+    assert job.seed == 7
+    assert job.metadata == {"team": "search"}
+
+
+def test_method_dpo_and_extra_body(api):
+    client = api.client()
+    dpo = client.files.create(file=("p.jsonl", io.BytesIO(dpo_file())), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=dpo.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 2}}},
+        extra_body={
+            "adapter": {"type": "lora", "r": 8, "alpha": 16},
+            "resources": {"nodes": 2, "gpus_per_node": 0},
+            "strategy": "fsdp",
+        },
+    )
+    assert job.method.dpo.hyperparameters.beta == 0.3
+    assert job.method.dpo.hyperparameters.n_epochs == 2
+    extra = job.model_extra
+    assert extra["adapter"]["r"] == 8
+    assert extra["resources"]["nodes"] == 2
+    assert extra["strategy"] == "fsdp"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"model": "no-such-model"}, "model"),
+        ({"training_file": "file-0000000000000000000000000"}, "training_file"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"extra_body": {"adapter": {"r": 12}}}, "adapter.r"),
+        # vLLM serves no LoRA weights on the embeddings or the head: refused before training.
+        ({"extra_body": {"adapter": {"target_modules": ["lm_head"]}}}, "adapter.target_modules"),
+    ],
+)
+def test_invalid_job_requests_are_400_naming_the_param(api, training_file, kwargs, param):
+    args = {"model": "tiny-llama", "training_file": training_file, **kwargs}
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        api.client().fine_tuning.jobs.create(**args)
+    assert error_of(excinfo)["param"] == param
+    assert error_of(excinfo)["type"] == "invalid_request_error"
+
+
+def test_dpo_file_for_sft_job_is_refused(api):
+    client = api.client()
+    dpo = client.files.create(file=("p.jsonl", io.BytesIO(dpo_file())), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=dpo.id)
+    assert error_of(excinfo)["param"] == "training_file"
+    assert "supervised" in error_of(excinfo)["message"]
+
+
+def test_idempotency_key_returns_the_same_job(api, training_file):
+    client = api.client()
+    headers = {"Idempotency-Key": f"key-{training_file}"}
+    first = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training_file, extra_headers=headers
+    )
+    second = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training_file, extra_headers=headers
+    )
+    assert first.id == second.id
+    third = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    assert third.id != first.id
+    # The same key with another request is refused, not answered with the first job.
+    with pytest.raises(openai.ConflictError) as excinfo:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=training_file, suffix="other", extra_headers=headers
+        )
+    error = error_of(excinfo)
+    assert error["code"] == "idempotency_key_reuse"
+    assert first.id in error["message"]
+
+
+@pytest.mark.cluster
+def test_an_idempotency_key_creates_one_job_across_api_replicas(kube_api_server, tmp_path):
+    """Two API replicas on one namespace, the same key sent to both at once, many times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.harness.api import start_api
+
+    own = ("KUBETUNE_DATA_DIR", "KUBETUNE_API__PORT", "KUBETUNE_API__API_KEYS_FILE")
+    shared = {k: v for k, v in kube_api_server.env.items() if k not in own}
+    replica = start_api(tmp_path / "replica", shared, "kubernetes")
+    training_file = (
+        kube_api_server.client()
+        .files.create(file=("t.jsonl", io.BytesIO(chat_file(10))), purpose="fine-tune")
+        .id
+    )
+    try:
+        servers = [kube_api_server, replica] * 4
+        headers = {"Idempotency-Key": f"race-{training_file}"}
+
+        def create(server):
+            client = server.client()
+            return client.fine_tuning.jobs.create(
+                model="tiny-llama", training_file=training_file, extra_headers=headers
+            ).id
+
+        with ThreadPoolExecutor(len(servers)) as pool:
+            ids = set(pool.map(create, servers))
+        assert len(ids) == 1
+        backend = backend_of(kube_api_server)
+        listed = backend.list("acme", after=None, limit=500).jobs
+        assert [j.metadata.name for j in listed if j.metadata.name in ids] == list(ids)
+        same_key = [
+            j
+            for j in listed
+            if j.metadata.annotations.get("kubetune.io/idempotency-key")
+            == headers["Idempotency-Key"]
+        ]
+        assert len(same_key) == 1
+    finally:
+        replica.stop()
+
+
+def test_list_paginates_and_filters_by_metadata(api, training_file):
+    client = api.client("globex")
+    file_id = client.files.create(
+        file=("t.jsonl", io.BytesIO(chat_file(10))), purpose="fine-tune"
+    ).id
+    ids = [
+        client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=file_id, metadata={"batch": "pages", "n": str(i)}
+        ).id
+        for i in range(5)
+    ]
+    raw = client.fine_tuning.jobs.with_raw_response.list(limit=2)
+    validate("ListPaginatedFineTuningJobsResponse", raw.http_response.json())
+    seen = [j.id for j in client.fine_tuning.jobs.list(limit=2)]  # auto-pagination
+    assert [i for i in seen if i in ids] == sorted(ids, reverse=True)
+    filtered = client.fine_tuning.jobs.list(metadata={"n": "3"})
+    assert [j.id for j in filtered.data] == [ids[3]]
+
+
+def test_cancel_pause_resume_and_conflicts(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+
+    with pytest.raises(openai.ConflictError) as excinfo:
+        client.fine_tuning.jobs.resume(job.id)
+    assert excinfo.value.response.headers["x-should-retry"] == "false"
+
+    play_operator(api, job.id, phase="running", step=3, totalSteps=10)
+    assert client.fine_tuning.jobs.pause(job.id).status == "pausing"
+    play_operator(api, job.id, phase="paused", step=5, totalSteps=10)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.pause(job.id)
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    play_operator(api, job.id, phase="cancelled")
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.pause(job.id)
+
+
+def test_token_counts_use_the_base_models_tokenizer(api, training_file, tiny_tokenizer):
+    from tokenizers import Tokenizer
+
+    from kubetune_runtime.datasets import validate_jsonl
+
+    tokenizer = Tokenizer.from_file(str(tiny_tokenizer))
+    expected = validate_jsonl(
+        [chat_file(10)],
+        count_tokens=lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids),
+    ).n_tokens
+    assert expected
+    client = api.client()
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    events = client.fine_tuning.jobs.list_events(job.id, limit=10).data
+    estimate = next(e for e in events if "tokens" in e.message)
+    assert estimate.data["n_tokens"] == expected
+    assert estimate.data["estimated_trained_tokens"] == expected * job.hyperparameters.n_epochs
+    # A base model without a tokenizer configured gets no estimate rather than a wrong one.
+    other = client.fine_tuning.jobs.create(model="tiny-llama-2", training_file=training_file)
+    events = client.fine_tuning.jobs.list_events(other.id, limit=10).data
+    assert not [e for e in events if "tokens" in e.message]
+
+
+def test_events_newest_first_with_pagination(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    client.fine_tuning.jobs.cancel(job.id)
+    raw = client.fine_tuning.jobs.with_raw_response.list_events(job.id, limit=1)
+    validate("ListFineTuningJobEventsResponse", raw.http_response.json())
+    page = raw.parse()
+    assert page.has_more
+    assert page.data[0].message == "Fine-tuning job cancelled"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1)]
+    assert len(messages) == 4
+    assert messages[0] == "Fine-tuning job cancelled"
+    assert messages[1].startswith("Training file has 10 examples and ")
+    assert messages[2:] == [
+        f"Validating training file: {training_file}",
+        f"Created fine-tuning job: {job.id}",
+    ]
+
+
+def test_checkpoints_results_file_and_models(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training_file, suffix="ckpt"
+    )
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    checkpoints = [
+        CheckpointRef(
+            id=new_checkpoint_id(), step=s, created_at=now, metrics=Metrics(train_loss=1.0 / s)
+        )
+        for s in (5, 10)
+    ]
+    model_name = f"ft:tiny-llama:acme:ckpt:{job.id[-8:]}"
+    play_operator(
+        api,
+        job.id,
+        phase="succeeded",
+        step=10,
+        totalSteps=10,
+        trainedTokens=1234,
+        fineTunedModel=model_name,
+        finishedAt=now.isoformat(),
+        checkpoints=[c.model_dump(mode="json", by_alias=True) for c in checkpoints],
+    )
+    store = store_of(api)
+    from tests.api.conftest import settings_of
+
+    layout = settings_of(api).object_store.layout()
+    csv = b"step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,2.0,0.1,,\n"
+    store.put_bytes(layout.results_key("acme", job.id), csv)
+
+    got = client.fine_tuning.jobs.retrieve(job.id)
+    assert got.status == "succeeded"
+    assert got.fine_tuned_model == model_name
+    assert got.trained_tokens == 1234
+    assert got.result_files == [results_file_id(job.id)]
+    result = client.files.retrieve(got.result_files[0])
+    assert result.purpose == "fine-tune-results"
+    assert client.files.content(result.id).read() == csv
+
+    raw = client.fine_tuning.jobs.checkpoints.with_raw_response.list(job.id)
+    validate("ListFineTuningJobCheckpointsResponse", raw.http_response.json())
+    listed = raw.parse().data
+    assert [c.step_number for c in listed] == [10, 5]
+    assert listed[0].fine_tuned_model_checkpoint == f"{model_name}:ckpt-step-10"
+
+    models = client.models.with_raw_response.list()
+    validate("ListModelsResponse", models.http_response.json())
+    assert model_name in [m.id for m in models.parse().data]
+    assert "tiny-llama" in [m.id for m in models.parse().data]
+    assert client.models.retrieve(model_name).owned_by == "acme"
+
+    # Continuing from it is refused at create (the trainer cannot yet), naming its base.
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=model_name, training_file=training_file)
+    error = error_of(excinfo)
+    assert (error["code"], error["param"]) == ("model_not_supported", "model")
+    assert "fine-tune its base model tiny-llama instead" in error["message"]
+    assert not [j for j in client.fine_tuning.jobs.list() if j.model == model_name]
+    # Another org can neither see nor delete it.
+    with pytest.raises(openai.NotFoundError):
+        api.client("globex").models.retrieve(model_name)
+    with pytest.raises(openai.NotFoundError):
+        api.client("globex").models.delete(model_name)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.models.delete("tiny-llama")
+    deleted = client.models.with_raw_response.delete(model_name)
+    validate("DeleteModelResponse", deleted.http_response.json())
+    assert model_name not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(model_name)
+    assert (
+        backend_of(api).get("acme", job.id).metadata.annotations["kubetune.io/model-deleted"]
+        == "true"
+    )
+
+
+def test_async_client(api, training_file):
+    async def scenario() -> list[str]:
+        client = api.async_client()
+        jobs = await asyncio.gather(
+            *[
+                client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+                for _ in range(3)
+            ]
+        )
+        fetched = await asyncio.gather(*[client.fine_tuning.jobs.retrieve(j.id) for j in jobs])
+        await client.close()
+        return [j.id for j in fetched]
+
+    ids = asyncio.run(scenario())
+    assert len(set(ids)) == 3
+
+
+def test_tenants_never_see_each_other(api, training_file):
+    acme, globex = api.client("acme"), api.client("globex")
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    calls = [
+        lambda: globex.files.retrieve(training_file),
+        lambda: globex.files.content(training_file).read(),
+        lambda: globex.files.delete(training_file),
+        lambda: globex.fine_tuning.jobs.retrieve(job.id),
+        lambda: globex.fine_tuning.jobs.cancel(job.id),
+        lambda: globex.fine_tuning.jobs.pause(job.id),
+        lambda: globex.fine_tuning.jobs.resume(job.id),
+        lambda: globex.fine_tuning.jobs.list_events(job.id),
+        lambda: globex.fine_tuning.jobs.checkpoints.list(job.id),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert job.id not in [j.id for j in globex.fine_tuning.jobs.list(limit=100).data]
+    assert training_file not in [f.id for f in globex.files.list().data]
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        globex.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    assert error_of(excinfo)["param"] == "training_file"
+    # And acme still has everything.
+    assert acme.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/files", "GET, POST"),
+        ("DELETE", "/v1/fine_tuning/jobs", "GET, POST"),
+        ("POST", "/v1/models/tiny-llama", "DELETE, GET"),
+    ],
+)
+def test_a_405_allows_every_method_the_path_has(api, method, path, allowed):
+    http = api.client()._client  # the SDK's own HTTP client: its responses are checked too
+    auth = {"Authorization": f"Bearer {api.keys['acme']}"}
+    response = http.request(method, f"{api.base_url}{path}", headers=auth)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.json()["error"]["type"] == "invalid_request_error"
