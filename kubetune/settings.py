@@ -240,6 +240,17 @@ class ApiSettings(BaseModel):
     requests_per_minute: int = Field(default=600, ge=1, description="Per-org request budget.")
     max_json_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest JSON body.")
     max_page_size: int = Field(default=100, ge=1, description="Largest list page for jobs.")
+    sweep_interval_seconds: float = Field(
+        default=600,
+        ge=0,
+        description="How often abandoned uploads and orphaned file bytes are swept (0: never).",
+    )
+    orphan_grace_seconds: int = Field(
+        default=3600,
+        ge=60,
+        description="How long past its expiry an upload, or file bytes without metadata, are "
+        "left alone before the sweep deletes them (longer than the slowest upload).",
+    )
 
 
 class Toleration(BaseModel):

@@ -4,6 +4,8 @@ Layout (``<prefix>`` comes from settings and may be empty)::
 
     <prefix>/orgs/<org>/files/<file-id>                      uploaded JSONL
     <prefix>/orgs/<org>/files/<file-id>.meta.json            its metadata (written after the data)
+    <prefix>/orgs/<org>/uploads/<upload-id>/upload.json      a multi-request upload's state
+    <prefix>/orgs/<org>/uploads/<upload-id>/<part-id>        one of its parts
     <prefix>/orgs/<org>/jobs/<job-id>/config.json            resolved trainer config
     <prefix>/orgs/<org>/jobs/<job-id>/events/<seq>.jsonl     append-only event chunks
     <prefix>/orgs/<org>/jobs/<job-id>/checkpoints/step-<n>/  checkpoint; manifest.json written last
@@ -77,9 +79,13 @@ class StorageLayout:
         """Key of an uploaded file's metadata; its presence makes the file visible."""
         return f"{self.file_key(org, file_id)}.meta.json"
 
+    def uploads_prefix(self, org: str) -> str:
+        """Folder of an org's multi-request uploads."""
+        return f"{self.org_prefix(org)}uploads/"
+
     def upload_prefix(self, org: str, upload_id: str) -> str:
         """Folder of a multi-request upload: its state and its parts."""
-        return f"{self.org_prefix(org)}uploads/{_check(upload_id, _UPLOAD_RE, 'upload id')}/"
+        return f"{self.uploads_prefix(org)}{_check(upload_id, _UPLOAD_RE, 'upload id')}/"
 
     def upload_state_key(self, org: str, upload_id: str) -> str:
         """Key of an upload's state (filename, declared size, status)."""

@@ -41,6 +41,7 @@ from kubetune_api.services.inference import InferenceService
 from kubetune_api.services.jobs import JobService
 from kubetune_api.services.models import ModelService
 from kubetune_api.services.uploads import UploadService
+from kubetune_api.sweeper import StoreSweeper
 from kubetune_runtime.objectstore import open_object_store
 
 log = logging.getLogger("kubetune.api")
@@ -103,15 +104,29 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def _sweeper(services: Services) -> StoreSweeper:
+    api = services.settings.api
+    return StoreSweeper(
+        services.files,
+        services.uploads,
+        services.keys.orgs,
+        interval=api.sweep_interval_seconds,
+        grace_seconds=api.orphan_grace_seconds,
+    )
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Work that lives as long as the server: the inference proxy's connections, the
-    backend's watch.
+    backend's watch, the store sweeper.
     """
     services: Services = app.state.services
+    sweeper = _sweeper(services)
+    sweeper.start()
     try:
         yield
     finally:
+        await asyncio.to_thread(sweeper.stop)
         await services.inference.aclose()
         await asyncio.to_thread(services.backend.close)
 

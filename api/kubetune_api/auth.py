@@ -82,6 +82,10 @@ class KeyStore:
         entries = [ApiKeyEntry.model_validate(e) for e in json.loads(path.read_text())]
         return cls(entries)
 
+    def orgs(self) -> list[str]:
+        """The orgs that hold at least one key, sorted."""
+        return sorted({principal.org for principal in self._by_digest.values()})
+
     def authenticate(self, authorization: str | None) -> Principal:
         """Resolve an ``Authorization`` header, or raise 401 in OpenAI's words."""
         if not authorization:

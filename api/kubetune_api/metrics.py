@@ -21,3 +21,8 @@ FILES_CREATED = Counter(
 JOBS_CREATED = Counter(
     "kubetune_api_jobs_created_total", "Fine-tuning jobs created, by method.", ["method"]
 )
+SWEPT_OBJECTS = Counter(
+    "kubetune_api_swept_objects_total",
+    "Objects the store sweeper deleted: parts of abandoned uploads, file bytes without metadata.",
+    ["kind"],
+)

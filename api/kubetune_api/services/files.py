@@ -160,6 +160,32 @@ class FileService:
         FILES_CREATED.labels(purpose=meta.purpose.value).inc()
         return meta
 
+    def sweep_orphans(self, org: str, now: float, grace_seconds: int) -> int:
+        """Delete an org's file bytes that have had no metadata for ``grace_seconds``.
+
+        Bytes are written before their metadata and deleted after it, so bytes without
+        metadata are either an upload still being validated (hence the grace, longer than the
+        slowest upload) or what a crash left between the two writes. The metadata is looked up
+        again just before each delete, so a file whose validation finishes meanwhile is kept.
+        Returns the number of objects deleted.
+        """
+        prefix = self.layout.files_prefix(org)
+        cutoff = now - grace_seconds
+        listed = list(self.store.list(prefix))
+        described = {
+            info.key[: -len(META_SUFFIX)] for info in listed if info.key.endswith(META_SUFFIX)
+        }
+        deleted = 0
+        for info in listed:
+            if info.key.endswith(META_SUFFIX) or info.key in described:
+                continue
+            if info.last_modified.timestamp() >= cutoff:
+                continue
+            if self.store.head(info.key + META_SUFFIX) is None:
+                self.store.delete(info.key)
+                deleted += 1
+        return deleted
+
     def _meta_ids(self, org: str) -> list[str]:
         prefix = self.layout.files_prefix(org)
         return [

@@ -224,8 +224,49 @@ class UploadService:
         return self._view(principal, state)
 
     def _drop_parts(self, principal: Principal, upload_id: str) -> None:
-        prefix = self.layout.upload_prefix(principal.org, upload_id)
-        state_key = self.layout.upload_state_key(principal.org, upload_id)
-        for info in list(self.store.list(prefix)):
-            if info.key != state_key:
-                self.store.delete(info.key)
+        self._drop_parts_of(principal.org, upload_id)
+
+    def _drop_parts_of(self, org: str, upload_id: str) -> int:
+        prefix = self.layout.upload_prefix(org, upload_id)
+        state_key = self.layout.upload_state_key(org, upload_id)
+        parts = [info.key for info in self.store.list(prefix) if info.key != state_key]
+        for key in parts:
+            self.store.delete(key)
+        return len(parts)
+
+    def sweep(self, org: str, now: float, grace_seconds: int) -> int:
+        """Delete the parts an org's uploads no longer need; the number of parts deleted.
+
+        An upload still pending ``grace_seconds`` after it expired is marked expired and its
+        parts deleted (a part sent just before the expiry may still be arriving, hence the
+        grace); a completed or cancelled one loses any parts a crash left behind between
+        saving its state and deleting them. States are kept: they are small, and a client may
+        still ask what became of its upload.
+        """
+        prefix = self.layout.uploads_prefix(org)
+        upload_ids = {info.key[len(prefix) :].partition("/")[0] for info in self.store.list(prefix)}
+        deleted = 0
+        for upload_id in sorted(upload_ids):
+            if is_valid_id(upload_id, IdKind.UPLOAD) and self._sweepable(
+                org, upload_id, now - grace_seconds
+            ):
+                deleted += self._drop_parts_of(org, upload_id)
+        return deleted
+
+    def _sweepable(self, org: str, upload_id: str, cutoff: float) -> bool:
+        """Whether an upload's parts may go; marks an abandoned pending upload expired."""
+        try:
+            raw = self.store.get_json(self.layout.upload_state_key(org, upload_id))
+        except ObjectNotFound:
+            # Parts without a state: written by a request that outlived a concurrent delete.
+            prefix = self.layout.upload_prefix(org, upload_id)
+            return all(info.last_modified.timestamp() < cutoff for info in self.store.list(prefix))
+        state = UploadState.model_validate(raw)
+        if state.status is not UploadStatus.PENDING:
+            return True
+        if state.expires_at >= cutoff:
+            return False
+        with self._lock:
+            state.status = UploadStatus.EXPIRED
+            self._save(state)
+        return True
