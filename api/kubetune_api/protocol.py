@@ -12,7 +12,14 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from kubetune.finetunejob import SUFFIX_PATTERN, VLLM_LORA_RANKS, check_servable_targets
+from kubetune.finetunejob import (
+    DNS_LABEL_PATTERN,
+    SUFFIX_PATTERN,
+    VLLM_LORA_RANKS,
+    VLLM_UNSERVABLE_MODULES,
+    check_servable_targets,
+)
+from kubetune.ids import ID_PATTERNS, IdKind
 
 T = TypeVar("T")
 
@@ -27,6 +34,8 @@ FilePurpose = Literal[
     "vision",
     "user_data",
 ]
+# What a client may ask for on upload (CreateFileRequest.purpose); this service takes fine-tune.
+UploadPurpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
 JobStatus = Literal[
     "validating_files",
     "queued",
@@ -213,22 +222,51 @@ class MlflowSettings(Request):
     run_name: str | None = None
 
 
-class IntegrationRequest(Request):
-    """``FineTuningIntegration``; ``mlflow`` is a kubetune addition."""
+class WandbIntegrationRequest(Request):
+    """``FineTuningIntegration``: Weights & Biases."""
 
-    type: Literal["wandb", "mlflow"]
-    wandb: WandbSettings | None = None
-    mlflow: MlflowSettings | None = None
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
+class MlflowIntegrationRequest(Request):
+    """An MLflow integration (a kubetune addition), shaped like ``FineTuningIntegration``."""
+
+    type: Literal["mlflow"]
+    mlflow: MlflowSettings
+
+
+# Each type carries its own block: a W&B integration without ``wandb`` is refused by the
+# document as by the code.
+IntegrationRequest = Annotated[
+    WandbIntegrationRequest | MlflowIntegrationRequest, Field(discriminator="type")
+]
+
+
+# An id the API gave a file: anything else names no file, and the document says so.
+FileId = Annotated[str, StringConstraints(pattern=ID_PATTERNS[IdKind.FILE])]
+
+# A module name vLLM can serve LoRA weights on: the document says what the validator checks.
+ServableModule = Annotated[
+    str,
+    Field(
+        json_schema_extra={
+            "not": {"pattern": rf"(^|\.)({'|'.join(sorted(VLLM_UNSERVABLE_MODULES))})$"}
+        }
+    ),
+]
 
 
 class AdapterRequest(Request):
     """kubetune addition (``extra_body={"adapter": …}``): what is trained."""
 
     type: Literal["lora", "qlora", "full"] = "lora"
-    r: int = 16
+    r: int = Field(default=16, json_schema_extra={"enum": list(VLLM_LORA_RANKS)})
     alpha: int = Field(default=32, ge=1, le=4096)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    target_modules: list[ServableModule] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -249,16 +287,18 @@ class ResourcesRequest(Request):
 
     nodes: int = Field(default=1, ge=1, le=64)
     gpus_per_node: int = Field(default=1, ge=0, le=16)
-    gpu_type: str | None = None
-    profile: str | None = Field(default=None, description="A hardware profile's name.")
+    gpu_type: Annotated[str, StringConstraints(max_length=128)] | None = None
+    profile: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=40)] | None = (
+        Field(default=None, description="A hardware profile's name.")
+    )
 
 
 class CreateFineTuningJobRequest(Request):
     """``CreateFineTuningJobRequest`` plus kubetune's extra fields (sent as ``extra_body``)."""
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    training_file: str
-    validation_file: str | None = None
+    training_file: FileId
+    validation_file: FileId | None = None
     hyperparameters: SupervisedHyperparameters | None = Field(
         default=None, description="Deprecated by OpenAI in favour of method; still accepted."
     )
@@ -267,7 +307,7 @@ class CreateFineTuningJobRequest(Request):
     seed: int | None = Field(default=None, ge=0, le=2_147_483_647)
     metadata: (
         dict[
-            Annotated[str, StringConstraints(max_length=64)],
+            Annotated[str, StringConstraints(min_length=1, max_length=64)],
             Annotated[str, StringConstraints(max_length=512)],
         ]
         | None
@@ -278,7 +318,9 @@ class CreateFineTuningJobRequest(Request):
     resources: ResourcesRequest | None = None
     strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] | None = None
     n_evals: int | None = Field(default=None, ge=0, le=1000)
-    queue: str | None = None
+    queue: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN)] | None = Field(
+        default=None, description="Kueue LocalQueue to admit the job through."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 Every operation in ``GET /openapi.json`` of the local-mode server gets generated requests
 (valid and invalid ones, from schemathesis' examples, coverage and fuzzing phases) sent with
-one org's API key. Each response must not be a 5xx and must match what the document says: a
-documented status code, the documented content type, a body valid against the documented
-schema, and the documented headers.
+one org's API key, under every check schemathesis has: no 5xx; a documented status code,
+content type, body schema and headers; schema-valid requests accepted and invalid ones refused;
+the key enforced (each operation is replayed without it and with a wrong one); no required
+header ignored; unsupported methods answered 405 with a true ``Allow``; a deleted object gone.
+Where a valid request may still be refused for what no schema can say (a file's content, the
+models served right now), our own check makes sure the refusal is that, never the API's
+request validation disagreeing with its own document.
 
 Random ids only ever find nothing (404), so path parameters and a job's ``training_file`` /
 ``model`` are drawn, half the time, from objects created up front: uploaded files, jobs,
@@ -21,13 +25,8 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.checks import CHECKS as CHECK_REGISTRY
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tests.api.conftest import chat_file
 from tests.harness.api import ApiServer
@@ -35,13 +34,43 @@ from tests.harness.api import ApiServer
 ORG = "acme"
 # Fuzzing examples per operation; the examples and coverage phases add a bounded, fixed set.
 MAX_EXAMPLES = 20
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    response_headers_conformance,
+# The API's own request validation refuses with this prefix (kubetune_api.errors).
+REQUEST_VALIDATION_PREFIX = "Invalid request: "
+# Operations whose schema-valid requests may still be refused, for what no schema can say: the
+# content of a file, which models exist or are served right now, which parts were sent.
+REFUSED_FOR_MORE_THAN_SHAPE = [
+    "createFile",
+    "createUpload",
+    "completeUpload",
+    "createFineTuningJob",
+    "createChatCompletion",
+    "createCompletion",
 ]
+# 413: the size limits are deployment settings, not part of the document.
+POSITIVE_STATUSES = ["2XX", "3XX", "400", "401", "403", "404", "409", "413", "429"]
+# A multipart body carries no types: a binary field that schemathesis fills with an object
+# arrives as that object's JSON text, which is valid bytes; its negative cases cannot be told
+# from positive ones here (tests/api/test_files_api.py and test_uploads_api.py cover bad input).
+MULTIPART_OPERATIONS = ["createFile", "addUploadPart"]
+
+
+@schemathesis.check
+def valid_data_never_fails_request_validation(ctx: Any, response: Any, case: Any) -> None:
+    """Schemathesis' positive-data check, sharpened where 400 must be allowed: a schema-valid
+    request may be refused for its content or the service's state, never by the API's own
+    request validation (that would mean the document and the code disagree).
+    """
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
+        return
+    message = response.json()["error"]["message"]
+    if message.startswith(REQUEST_VALIDATION_PREFIX):
+        raise AssertionError(f"A schema-valid request failed request validation: {message}")
+
+
+# Every check schemathesis has (status codes, content types, schemas, headers, positive and
+# negative data, auth, missing headers, unsupported methods, use after free, ...) and ours.
+CHECKS = CHECK_REGISTRY.get_all()
 
 
 def _client(server: ApiServer) -> Any:
@@ -112,8 +141,8 @@ def _bind(bindings: dict[str, str], probability: float = 0.5) -> dict[str, dict[
 def openapi_schema(local_api: ApiServer, seeded: dict[str, list[str]]) -> schemathesis.BaseSchema:
     """The live server's own OpenAPI document, with an org's API key on every request.
 
-    The document declares no security scheme (the ``Authorization`` header is hidden from it),
-    so the key goes in as a configured header.
+    The document declares bearer auth; the key goes in as a configured header (and again, per
+    call, in the test, so schemathesis knows it for a real credential).
     """
     config = schemathesis.Config.from_dict(
         {
@@ -153,6 +182,15 @@ def openapi_schema(local_api: ApiServer, seeded: dict[str, list[str]]) -> schema
                     "include-operation-id": "retrieveModel",
                     "parameters": _bind({"path.model": "base_models"}),
                 },
+                *(
+                    {
+                        "include-operation-id": operation,
+                        "checks": {
+                            "positive_data_acceptance": {"expected-statuses": POSITIVE_STATUSES}
+                        },
+                    }
+                    for operation in REFUSED_FOR_MORE_THAN_SHAPE
+                ),
             ],
         }
     )
@@ -184,8 +222,15 @@ schema = schemathesis.pytest.from_fixture("openapi_schema")
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_to_its_openapi_document(case):
-    case.call_and_validate(checks=CHECKS)
+def test_api_conforms_to_its_openapi_document(case, local_api):
+    # The key passed here, not only configured: schemathesis then knows the credentials are
+    # real, and its ignored-auth check replays the request without them and with a wrong key.
+    multipart = case.operation.definition.raw.get("operationId") in MULTIPART_OPERATIONS
+    case.call_and_validate(
+        headers=_auth(local_api),
+        checks=CHECKS,
+        excluded_checks=[negative_data_rejection] if multipart else [],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

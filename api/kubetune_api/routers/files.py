@@ -10,7 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from kubetune_api.deps import PrincipalDep, ServicesDep
-from kubetune_api.protocol import DeleteFileResponse, ListFilesResponse, OpenAIFile
+from kubetune_api.protocol import (
+    DeleteFileResponse,
+    ListFilesResponse,
+    OpenAIFile,
+    UploadPurpose,
+)
 from kubetune_api.routers.common import ERRORS
 
 router = APIRouter(prefix="/v1/files", tags=["Files"], responses=ERRORS)
@@ -21,7 +26,7 @@ async def create_file(
     principal: PrincipalDep,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="The JSONL file.")],
-    purpose: Annotated[str, Form(description="Must be fine-tune.")],
+    purpose: Annotated[UploadPurpose, Form(description="Must be fine-tune.")],
 ) -> OpenAIFile:
     """Upload a JSONL training file; it is validated while it streams to the object store."""
     # Starlette has spooled the multipart body to a temporary file, not to memory.
