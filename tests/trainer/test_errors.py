@@ -94,3 +94,28 @@ def test_an_object_store_outage_is_retried_not_failed(
     started = time.monotonic()
     assert _run(job) == exit_codes.RETRYABLE_ERROR
     assert time.monotonic() - started < 30
+
+
+def test_a_peer_gone_before_the_mesh_forms_is_retried_not_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by tests/lifecycle/test_faults.py: a worker pod restarted after a crash while the
+    master had moved on could not join the mesh; gloo says so with a bare RuntimeError, which
+    was an internal error (exit 1, permanent) and failed a job that a restart would finish.
+    """
+    import accelerate
+
+    from kubetune_trainer.dist import init_process_group
+    from kubetune_trainer.errors import RetryableError
+    from kubetune_trainer.main import is_transient
+
+    def mesh_fails(**kwargs: object) -> None:
+        raise RuntimeError(
+            "Gloo connectFullMesh failed with [gloo/transport/tcp/pair.cc:152] timed out "
+            "connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:15236"
+        )
+
+    monkeypatch.setattr(accelerate, "PartialState", mesh_fails)
+    with pytest.raises(RetryableError, match="Could not join the other nodes") as excinfo:
+        init_process_group(5, cuda=False)
+    assert is_transient(excinfo.value)

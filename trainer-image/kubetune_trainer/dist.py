@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from kubetune_trainer.errors import RetryableError
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -67,7 +69,13 @@ def init_process_group(timeout_seconds: float, *, cuda: bool) -> None:
     kwargs: dict[str, object] = {"timeout": timedelta(seconds=timeout_seconds)}
     if cuda:
         kwargs["backend"] = "cuda:nccl,cpu:gloo"
-    PartialState(**kwargs)
+    try:
+        PartialState(**kwargs)
+    except RuntimeError as exc:
+        # Gloo and NCCL report a peer that is gone or never came (a pod restarted alone while
+        # the others finished or crashed) as a bare RuntimeError; restarting every node is
+        # what helps, so the pod must exit retryable, not as a permanent failure.
+        raise RetryableError(f"Could not join the other nodes of the job: {exc}") from exc
 
 
 def barrier() -> None:

@@ -124,11 +124,13 @@ def _execute(run: Run) -> int:
     run.device = plan_device(run.config)  # before any download: a node without CUDA stops now
     if run.config.resources.gpus_per_node and not run.device.cuda:
         run.warn(f"No usable CUDA device: training on the CPU ({cuda_diagnosis()})")
-    if run.topology.distributed:
-        init_process_group(run.config.collective_timeout_seconds, cuda=run.device.cuda)
+    # Checked before joining the other nodes: a pod restarted after the job's result was
+    # published must end at once, not wait for peers that have finished (or never come).
     if run.store.exists(run.layout.adapter_manifest_key(run.config.org, run.config.job_id)):
         run.message(TrainerEventKind.COMPLETED, "The adapter is already stored; nothing to do")
         return exit_codes.SUCCESS
+    if run.topology.distributed:
+        init_process_group(run.config.collective_timeout_seconds, cuda=run.device.cuda)
     _prepare_workdir(run)
     if run.topology.is_main and run.config.metrics_port is not None:
         run.exporter = Exporter(run.config.job_id)

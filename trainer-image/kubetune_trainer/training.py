@@ -26,7 +26,6 @@ from kubetune_trainer.data import (
     preference_rows,
     tokenize_supervised,
 )
-from kubetune_trainer.dist import barrier
 from kubetune_trainer.errors import UserError
 from kubetune_trainer.manifest import manifest, run_manifest
 from kubetune_trainer.methods import (
@@ -278,9 +277,11 @@ def _finish(run: Run, trainer: Trainer, callback: KubetuneCallback, has_valid: b
         )
     out = run.workdir / "final"
     trainer.save_model(str(out))  # every rank: FSDP/ZeRO-3 gather the weights here
+    # No barrier after this: the result is whole once rank 0 has published it, and a rank 0
+    # waiting for its peers would wait out the collective timeout (an hour) for one that
+    # crashed after its last step (found by tests/lifecycle/test_faults.py).
     if run.topology.is_main:
         _publish(run, trainer, out, step, final)
-    barrier()
 
 
 def _comparison_text(base: dict[str, float] | None, final: dict[str, float] | None) -> str:
