@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Where no function may be longer than 80 lines (`make lint`).
 SHORT_FUNCTIONS := runtime/kubetune_runtime api/kubetune_api operator/kubetune_operator local/kubetune_local
 
-.PHONY: help venv run demo test test-fast lint mypy format crds test-deps bench-api bench-operator bench-trainer gpu-smoke clean
+.PHONY: help venv run demo test test-faults test-fast lint mypy format crds test-deps bench-api bench-operator bench-trainer gpu-smoke clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-deps: $(STAMP) ## Install etcd, build/cache kube-apiserver, fetch kubectl a
 
 test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-faults: test-deps ## Fault injection at full size: ROUNDS (default 8) x 4 faults x 2 runtimes; prints the tally
+	KUBETUNE_FAULT_ROUNDS=$(or $(ROUNDS),8) $(PY) -m pytest -n 2 tests/lifecycle/test_faults.py
 
 test-fast: $(STAMP) ## Run the tests that need no cluster
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -148,6 +148,7 @@ class KubeCluster:
     _procs: list[ServerProcess]
     _installed: set[Path] = field(default_factory=set)
     _crd_lock: threading.Lock = field(default_factory=threading.Lock)
+    apiserver_restarts: int = 0
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses (kubectl, helm, the operator) to reach this cluster."""
@@ -233,6 +234,21 @@ class KubeCluster:
                 },
             }
             custom.replace_cluster_custom_object(group, version, plural, name, body)
+
+    def restart_apiserver(self, down_seconds: float = 0, timeout: float = 90) -> None:
+        """Kill the apiserver (SIGKILL), keep it down ``down_seconds``, start it again on the
+        same port and etcd, and wait until it is ready: what clients see of a control-plane
+        upgrade or crash.
+        """
+        old = self._procs[-1]
+        old.proc.kill()
+        old.proc.wait()
+        time.sleep(down_seconds)
+        self.apiserver_restarts += 1
+        log = self.workdir / f"kube-apiserver.{self.apiserver_restarts}.log"
+        new = ServerProcess(old.name, old.argv, log)
+        self._procs[-1] = new
+        new.wait_until(lambda: self.get("/readyz") == 200, timeout=timeout, what="ready")
 
     def stop(self) -> None:
         """Stop the apiserver, then etcd, and remove their state."""

@@ -71,7 +71,12 @@ class Pod:
         return code
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the main process."""
+        """Send ``sig`` to the main process, as the kubelet does to a container's PID 1; a
+        SIGKILL kills the whole container (every process in it dies with PID 1).
+        """
+        if sig == signal.SIGKILL:
+            self.kill()
+            return
         if self.alive():
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):

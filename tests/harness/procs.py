@@ -23,6 +23,7 @@ class ServerProcess:
         cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self.argv = [str(arg) for arg in argv]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(

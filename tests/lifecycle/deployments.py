@@ -136,8 +136,10 @@ class Deployment(ABC):
         """The job's workloads that exist now (PyTorchJobs, local workloads)."""
 
     @abstractmethod
-    def preempt(self, name: str) -> None:
-        """SIGTERM to a trainer, as a spot node's reclaim (or a laptop's shutdown) sends it."""
+    def preempt(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM to a trainer, as a spot node's reclaim (or a laptop's shutdown) sends it;
+        SIGKILL for a crash (the OOM killer, a lost node).
+        """
 
     @abstractmethod
     def check_succeeded(self, name: str, status: FineTuneJobStatus) -> None:
@@ -277,9 +279,9 @@ class PyTorchJobDeployment(ClusterDeployment):
         """Starts of the replica started most often (each replica is a pod)."""
         return max((r.starts for r in self.testbed.trainers.replicas(name)), default=0)
 
-    def preempt(self, name: str) -> None:
+    def preempt(self, name: str, sig: int = signal.SIGTERM) -> None:
         """The kubelet's SIGTERM to the worker pod."""
-        self.testbed.trainers.signal(name, "Worker", 0, signal.SIGTERM)
+        self.testbed.trainers.signal(name, "Worker", 0, sig)
 
     def check_workload_succeeded(self, name: str, workload: dict[str, Any]) -> None:
         """Its two pods (a Master, a Worker) started once each."""
@@ -311,9 +313,9 @@ class TrainJobDeployment(ClusterDeployment):
         """Starts of the node pod started most often."""
         return max((p.starts for p in self.testbed.trainers.pods(name)), default=0)
 
-    def preempt(self, name: str) -> None:
+    def preempt(self, name: str, sig: int = signal.SIGTERM) -> None:
         """The kubelet's SIGTERM to the second node's pod."""
-        self.testbed.trainers.signal(name, 1, signal.SIGTERM)
+        self.testbed.trainers.signal(name, 1, sig)
 
     def check_workload_succeeded(self, name: str, workload: dict[str, Any]) -> None:
         """Its JobSet ran two node pods once each, from the chart's runtime with the job's patch:
@@ -436,12 +438,12 @@ class LocalDeployment(Deployment):
         """1 while the runtime holds a workload for the job."""
         return 0 if self.subprocesses.lookup(name) is None else 1
 
-    def preempt(self, name: str) -> None:
+    def preempt(self, name: str, sig: int = signal.SIGTERM) -> None:
         """SIGTERM to the trainer's main process."""
         workload = self.subprocesses.lookup(name)
         assert workload is not None, f"{name} has no workload"
         assert workload.process is not None, f"{name} runs no trainer"
-        os.kill(workload.process.pid, signal.SIGTERM)
+        os.kill(workload.process.pid, sig)
 
     def check_succeeded(self, name: str, status: FineTuneJobStatus) -> None:
         """The trainer ran once and its folder is gone with it; the config is the stored one."""
