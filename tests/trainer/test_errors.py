@@ -119,3 +119,18 @@ def test_a_peer_gone_before_the_mesh_forms_is_retried_not_failed(
     with pytest.raises(RetryableError, match="Could not join the other nodes") as excinfo:
         init_process_group(5, cuda=False)
     assert is_transient(excinfo.value)
+
+
+def test_a_peer_lost_mid_collective_is_transient_and_a_plain_bug_is_not() -> None:
+    """Found by tests/lifecycle/test_faults.py: the master exited retryable during an S3
+    outage, and the worker's next all-reduce failed with gloo's bare RuntimeError, which was
+    an internal error (exit 1, permanent) and failed the whole job.
+    """
+    from kubetune_trainer.main import is_transient
+
+    lost = RuntimeError(
+        "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:11155. This is "
+        "typically caused by a remote worker crashing. Check the logs of the remote worker."
+    )
+    assert is_transient(lost)
+    assert not is_transient(RuntimeError("The size of tensor a (4) must match tensor b (5)"))

@@ -53,9 +53,20 @@ def default_workdir(config: TrainerConfig, topology: Topology) -> Path:
 _TRANSIENT_MODULES: Final = ("botocore.", "urllib3.", "torch.distributed")
 
 
+# Gloo reports a peer that died mid-collective as a bare RuntimeError; these are the words of
+# its TCP transport (pair.cc) for a lost peer.
+_PEER_LOST: Final = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a restart may well succeed where this attempt failed."""
     if isinstance(exc, RetryableError | ObjectStoreError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, RuntimeError) and any(words in str(exc) for words in _PEER_LOST):
         return True
     module = type(exc).__module__ + "."
     return module.startswith(_TRANSIENT_MODULES)
