@@ -54,7 +54,7 @@ def test_unknown_job_shows_the_404_message(cli_api):
 def test_invalid_request_names_the_param(cli_api):
     result = run_cli(
         [*global_args(cli_api), "jobs", "create", "--model", "no-such-model",
-         "--training-file", "file-0000000000000000000000000"]
+         "--training-file", "file-" + "0" * 23]
     )  # fmt: skip
     assert result.exit_code == ExitCode.API_ERROR
     assert "Model no-such-model is not available for fine-tuning" in result.stderr
