@@ -116,10 +116,15 @@ def test_pause_and_resume_go_through_the_kueue_workload_not_suspend(make_testbed
     status = testbed.wait_phase(name, JobPhase.SUCCEEDED)
     assert status.step == PLANNED_STEPS
     assert status.restarts == 1
-    workload = kueue.workload_of(name)
-    assert workload is not None
+    # Kueue marks its Workload finished on its own next pass, after the job's status says so.
+    workload = testbed.wait(
+        lambda: (
+            (w := kueue.workload_of(name)) and is_true(w["status"]["conditions"], "Finished") and w
+        ),
+        "Kueue to finish the workload",
+        timeout=30,
+    )
     assert workload["spec"]["active"] is True
-    assert is_true(workload["status"]["conditions"], "Finished")
     assert kueue.flips == []
     assert kueue.errors == []
 
