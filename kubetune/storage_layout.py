@@ -105,6 +105,10 @@ class StorageLayout:
         """Key of the resolved trainer config."""
         return f"{self.job_prefix(org, job_id)}config.json"
 
+    def writer_lease_key(self, org: str, job_id: str) -> str:
+        """Key of the lease the trainer that writes a job's checkpoints and result holds."""
+        return f"{self.job_prefix(org, job_id)}writer-lease.json"
+
     def events_prefix(self, org: str, job_id: str) -> str:
         """Folder of a job's event chunks."""
         return f"{self.job_prefix(org, job_id)}events/"

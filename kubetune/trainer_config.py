@@ -159,6 +159,14 @@ class TrainerConfig(_Config):
         "terminationGracePeriodSeconds): torchrun's workers get most of it to commit their "
         "checkpoint.",
     )
+    writer_lease_seconds: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description="Time to live of the lease the writing trainer holds on the job (renewed "
+        "every third of it): how long a trainer of another replica waits after the holder "
+        "crashed without releasing it. Keep it well above the hosts' clock skew.",
+    )
     collective_timeout_seconds: int = Field(
         default=DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
         ge=60,

@@ -21,6 +21,9 @@ What every backend guarantees:
   ``..`` segments, no control characters or backslashes, and no ``.kubetune`` segment (reserved
   for the store's own bookkeeping).
 - ``list`` returns keys in S3 order (UTF-8 byte order, which is Python's ``str`` order).
+- Small objects can be compared and swapped (:meth:`ObjectStore.get_versioned`,
+  :meth:`ObjectStore.put_if`): S3's conditional writes (``If-None-Match: *``, ``If-Match``) on
+  S3, a check under the key's exclusive lock locally. Leases are built on them.
 """
 
 from __future__ import annotations
@@ -109,6 +112,17 @@ class ChecksumMismatch(ObjectStoreError):
     """The bytes read or written do not match the sha256 recorded for them."""
 
 
+class PreconditionFailed(ObjectStoreError):
+    """A conditional write found the object in another version than the one it expected."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"{self.key!r} changed since it was read"
+
+
 # Values ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PutResult:
@@ -137,6 +151,14 @@ class ObjectInfo:
     def sha256(self) -> str | None:
         """The whole-object sha256 (hex) recorded when the object was written, if known."""
         return (self.metadata or {}).get(SHA256_METADATA_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedObject:
+    """A small object's bytes and the version tag a conditional write compares against."""
+
+    data: bytes
+    tag: str
 
 
 # Validation --------------------------------------------------------------------------------
@@ -443,6 +465,20 @@ class ObjectStore(abc.ABC):
         return self.head(key) is not None
 
     @abc.abstractmethod
+    def get_versioned(self, key: str) -> VersionedObject | None:
+        """A small object's bytes with its version tag (for :meth:`put_if`); None if missing."""
+
+    @abc.abstractmethod
+    def put_if(self, key: str, data: bytes, *, expected_tag: str | None) -> str:
+        """Store small ``data`` at ``key`` only if the object there is still the version
+        ``expected_tag`` names (None: only if there is none); returns the new version's tag.
+
+        Raises :class:`PreconditionFailed` otherwise, and writes nothing. On S3 the tag is the
+        ETag, which names the content: callers that race write distinct bodies (a lease holds
+        its holder and time), so an old tag never matches a newer version by accident.
+        """
+
+    @abc.abstractmethod
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix`` (a plain string prefix), in key order.
 
@@ -699,6 +735,22 @@ class LocalObjectStore(ObjectStore):
         on_chunk: Callable[[bytes], None] | None = None,
     ) -> PutResult:
         """Write to a temp file under the root, then publish it with ``os.replace``."""
+        result, _ = self._put(key, stream, content_type, metadata, on_chunk, precondition=None)
+        return result
+
+    def _put(
+        self,
+        key: str,
+        stream: BinaryIO | Iterable[bytes],
+        content_type: str | None,
+        metadata: Mapping[str, str] | None,
+        on_chunk: Callable[[bytes], None] | None,
+        *,
+        precondition: Callable[[os.stat_result | None], None] | None,
+    ) -> tuple[PutResult, os.stat_result]:
+        """Write, then publish under the key's exclusive lock once ``precondition`` (given the
+        current version's stat) has not raised; returns the published version's stat.
+        """
         path = self.path_for(key)
         user = _user_metadata(metadata)
         ctype = _content_type(content_type)
@@ -722,15 +774,44 @@ class LocalObjectStore(ObjectStore):
                 "metadata": {**user, SHA256_METADATA_KEY: digest.hexdigest()},
             }
             with self._key_lock(key, exclusive=True):
+                if precondition is not None:
+                    precondition(self._stat(path))
                 self._write_atomically(meta_path, json.dumps(sidecar, sort_keys=True).encode())
                 meta_written = True
                 self._replace_into(tmp, path, key=key)
+                published = path.stat()
         except BaseException:
             tmp.unlink(missing_ok=True)
             if meta_written:
                 meta_path.unlink(missing_ok=True)
             raise
-        return PutResult(key=key, size=digest.size, sha256_hex=digest.hexdigest())
+        return PutResult(key=key, size=digest.size, sha256_hex=digest.hexdigest()), published
+
+    def get_versioned(self, key: str) -> VersionedObject | None:
+        """The file's bytes and a tag naming this version of the file."""
+        path = self.path_for(key)
+        with self._key_lock(key, exclusive=False):
+            try:
+                with path.open("rb") as file:
+                    st = os.fstat(file.fileno())
+                    data = file.read() if stat.S_ISREG(st.st_mode) else None
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+        return None if data is None else VersionedObject(data, _local_tag(st))
+
+    def put_if(self, key: str, data: bytes, *, expected_tag: str | None) -> str:
+        """Publish ``data`` if the file is still the version ``expected_tag`` names; the check
+        and the publication happen under the key's exclusive lock, so they are one step.
+        """
+
+        def still_expected(current: os.stat_result | None) -> None:
+            if (None if current is None else _local_tag(current)) != expected_tag:
+                raise PreconditionFailed(key)
+
+        _, published = self._put(
+            key, io.BytesIO(data), "application/json", None, None, precondition=still_expected
+        )
+        return _local_tag(published)
 
     def _stat(self, path: Path) -> os.stat_result | None:
         try:
@@ -1121,15 +1202,53 @@ class S3ObjectStore(ObjectStore):
             if _is_not_found(exc):
                 raise ObjectNotFound(key) from exc
             raise
-        body = response["Body"]
-        info = ObjectInfo(
-            key=key,
-            size=response["ContentLength"],
-            last_modified=response["LastModified"].astimezone(UTC),
-            content_type=response.get("ContentType"),
-            metadata=dict(response.get("Metadata", {})),
+        return _reader(key, response, verify=verify)
+
+    def get_versioned(self, key: str) -> VersionedObject | None:
+        """GetObject: the body (verified against its sha256) and its ETag."""
+        validate_key(key)
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        with _reader(key, response, verify=True) as reader:
+            data = b"".join(reader)
+        return VersionedObject(data, str(response["ETag"]))
+
+    def put_if(self, key: str, data: bytes, *, expected_tag: str | None) -> str:
+        """A conditional PutObject: ``If-None-Match: *`` to create, ``If-Match`` to replace."""
+        validate_key(key)
+        from botocore.exceptions import ClientError
+
+        condition: dict[str, str] = (
+            {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
         )
-        return ObjectReader(info, _read_body(key, body), body.close, verify=verify)
+        digest = _Digest()
+        for _ in digest.feed([data]):
+            pass
+        try:
+            response = self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/json",
+                Metadata={SHA256_METADATA_KEY: digest.hexdigest()},
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=digest.b64digest(),
+                **condition,  # type: ignore[arg-type]
+            )
+        except ClientError as exc:
+            # 412 when the version differs; 409 when a concurrent conditional write won; 404
+            # when If-Match names an object that is gone.
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _CONDITION_CODES or _is_not_found(exc):
+                raise PreconditionFailed(key) from exc
+            raise
+        return str(response["ETag"])
 
     def head(self, key: str) -> ObjectInfo | None:
         """HeadObject; None on 404."""
@@ -1206,6 +1325,19 @@ class S3ObjectStore(ObjectStore):
         return len(keys)
 
 
+def _reader(key: str, response: Any, *, verify: bool) -> ObjectReader:
+    """A reader over a GetObject response."""
+    body = response["Body"]
+    info = ObjectInfo(
+        key=key,
+        size=response["ContentLength"],
+        last_modified=response["LastModified"].astimezone(UTC),
+        content_type=response.get("ContentType"),
+        metadata=dict(response.get("Metadata", {})),
+    )
+    return ObjectReader(info, _read_body(key, body), body.close, verify=verify)
+
+
 def _read_body(key: str, body: Any) -> Iterator[bytes]:
     from botocore.exceptions import FlexibleChecksumError
 
@@ -1213,6 +1345,15 @@ def _read_body(key: str, body: Any) -> Iterator[bytes]:
         yield from body.iter_chunks(READ_SIZE)
     except FlexibleChecksumError as exc:
         raise ChecksumMismatch(f"{key!r}: {exc}") from exc
+
+
+def _local_tag(st: os.stat_result) -> str:
+    """A local file version: each publication is a new file (a new inode and time)."""
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+
+
+# S3's answers to a conditional write that lost: the version differs, or a concurrent one won.
+_CONDITION_CODES: Final = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
 
 
 def _is_not_found(exc: Exception) -> bool:

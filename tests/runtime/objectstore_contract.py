@@ -24,6 +24,7 @@ from kubetune_runtime.objectstore import (
     InvalidKey,
     ObjectNotFound,
     ObjectStore,
+    PreconditionFailed,
     PutResult,
 )
 
@@ -160,6 +161,28 @@ class ObjectStoreContract:
         assert info.metadata == {"sha256": second.sha256_hex}
         assert info.content_type == "text/plain"
         assert [i.key for i in store.list(backend.prefix)] == [key]
+
+    def test_put_if_creates_only_when_absent_and_replaces_only_the_version_read(
+        self, backend: Backend
+    ) -> None:
+        store, key = backend.store, backend.key("lease.json")
+        assert store.get_versioned(key) is None
+        first = store.put_if(key, b'{"v": 1}', expected_tag=None)
+        with pytest.raises(PreconditionFailed):
+            store.put_if(key, b'{"v": "again"}', expected_tag=None)
+        read = store.get_versioned(key)
+        assert read is not None
+        assert (read.data, read.tag) == (b'{"v": 1}', first)
+        second = store.put_if(key, b'{"v": 2}', expected_tag=first)
+        assert second != first
+        with pytest.raises(PreconditionFailed):  # the version it names was replaced
+            store.put_if(key, b'{"v": 3}', expected_tag=first)
+        assert store.get_bytes(key) == b'{"v": 2}'  # a refused write wrote nothing
+        store.delete(key)
+        with pytest.raises(PreconditionFailed):  # the version it names was deleted
+            store.put_if(key, b'{"v": 4}', expected_tag=second)
+        assert store.get_versioned(key) is None
+        assert backend.leftovers() == []
 
     def test_open_stream_yields_chunks_and_info(self, backend: Backend) -> None:
         store, key = backend.store, backend.key("big")

@@ -275,3 +275,42 @@ def test_a_damaged_object_still_fails_its_checksum(store: LocalObjectStore):
     store.path_for("damaged").write_bytes(b"other bytes")
     with pytest.raises(ChecksumMismatch):
         store.get_bytes("damaged")
+
+
+_SWAPPER = """
+import sys
+from pathlib import Path
+from kubetune_runtime.objectstore import LocalObjectStore, PreconditionFailed
+store = LocalObjectStore(Path(sys.argv[1]))
+print("ready", flush=True)
+tag = sys.stdin.readline().strip()  # every writer read the same version, then races
+try:
+    store.put_if("race/lease.json", sys.argv[2].encode(), expected_tag=tag)
+except PreconditionFailed:
+    print("lost")
+else:
+    print("won")
+"""
+
+
+def test_put_if_lets_exactly_one_of_racing_processes_win(store: LocalObjectStore):
+    """The check and the publication are one step under the key's lock, across processes."""
+    base = store.put_if("race/lease.json", b"0", expected_tag=None)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SWAPPER, str(store.root), f"writer-{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for n in range(6)
+    ]
+    for writer in writers:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == b"ready\n"
+    for writer in writers:  # released together, once every one has started
+        assert writer.stdin is not None
+        writer.stdin.write(f"{base}\n".encode())
+        writer.stdin.flush()
+    answers = [writer.communicate(timeout=60)[0].decode().strip() for writer in writers]
+    assert sorted(answers) == ["lost"] * 5 + ["won"]
+    assert store.get_bytes("race/lease.json") == f"writer-{answers.index('won')}".encode()

@@ -25,6 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from kubetune.ids import new_checkpoint_id
 from kubetune.trainer_events import CheckpointEventData, StepMetrics, TrainerEventKind
+from kubetune_runtime.lease import LeaseLost
 from kubetune_trainer.checkpoints import file_digests, write_kubetune_state
 from kubetune_trainer.dist import all_gather_object, any_rank, barrier
 from kubetune_trainer.errors import RetryableError
@@ -249,6 +250,7 @@ class KubetuneCallback(TrainerCallback):
         if any_rank(failed):
             raise RetryableError(f"the checkpoint of step {step} could not be stored")
         files = merge_digests(all_gather_object(digests))  # every node's, for the manifest
+        self._ensure_writer(step)
         if self.run.topology.is_main:
             self._commit(step, files)
         if self.run.topology.is_local_main:
@@ -258,6 +260,20 @@ class KubetuneCallback(TrainerCallback):
         if any_rank(self.run.flag.requested):
             self.preempted = True
             control.should_training_stop = True
+
+    def _ensure_writer(self, step: int) -> None:
+        """Rank 0 renews the writer lease; every rank stops together when another trainer took
+        the job over (the checkpoint is then never committed by this one).
+        """
+        lost: LeaseLost | None = None
+        if self.run.topology.is_main:
+            try:
+                self.run.ensure_writer()
+            except LeaseLost as exc:
+                lost = exc
+        if any_rank(lost is not None):
+            log.error("not committing the checkpoint of step %s: the lease is lost", step)
+            raise lost or LeaseLost("writer lease", None)
 
     def _commit(self, step: int, files: dict[str, str | None]) -> None:
         checkpoint_id = new_checkpoint_id()

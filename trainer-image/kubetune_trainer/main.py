@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from kubetune.events import EventLevel
 from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind
+from kubetune_runtime.lease import LeaseLost
 from kubetune_runtime.objectstore import ObjectStoreError
 from kubetune_trainer import exit_codes
 from kubetune_trainer.dist import Topology, barrier, init_process_group
@@ -90,6 +91,11 @@ def execute(run: Run) -> int:
     except InfrastructureError as exc:
         _error(run, exc.message, code=exc.code, user_error=False)
         return exit_codes.INTERNAL_ERROR
+    except LeaseLost as exc:
+        # A trainer that took this job over writes it now; this one stops without writing.
+        # Retryable: a restart in another replica's place waits for the lease.
+        _error(run, f"Stopped without writing: {exc}", code="lease_lost", user_error=False)
+        return exit_codes.RETRYABLE_ERROR
     except Exception as exc:
         if is_transient(exc):
             log.exception("transient failure")
@@ -99,6 +105,7 @@ def execute(run: Run) -> int:
         _error(run, f"Internal error: {type(exc).__name__}: {exc}", code="internal_error")
         return exit_codes.INTERNAL_ERROR
     finally:
+        run.release_lease()
         if run.events is not None:
             run.events.close()
         if run.exporter is not None:
@@ -135,8 +142,11 @@ def _execute(run: Run) -> int:
     run.device = plan_device(run.config)  # before any download: a node without CUDA stops now
     if run.config.resources.gpus_per_node and not run.device.cuda:
         run.warn(f"No usable CUDA device: training on the CPU ({cuda_diagnosis()})")
-    # Checked before joining the other nodes: a pod restarted after the job's result was
-    # published must end at once, not wait for peers that have finished (or never come).
+    # Before joining the other nodes: a pod restarted after the job's result was published
+    # must end at once, not wait for peers that have finished (or never come); and the result
+    # is looked for once the lease is taken, as a trainer it waited for may have published it.
+    if run.topology.is_main:
+        run.take_lease()
     if run.store.exists(run.layout.adapter_manifest_key(run.config.org, run.config.job_id)):
         run.message(TrainerEventKind.COMPLETED, "The adapter is already stored; nothing to do")
         return exit_codes.SUCCESS

@@ -18,6 +18,7 @@ from kubetune.events import EventLevel
 from kubetune.finetunejob import MethodType
 from kubetune.trainer_config import TrainerConfig, is_adapter
 from kubetune.trainer_events import TrainerEventKind
+from kubetune_runtime.lease import LeaseRecord, WriterLease
 from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore, open_object_store
 from kubetune_trainer.checkpoints import (
     CheckpointStore,
@@ -76,6 +77,42 @@ class Run:
         self.base_eval: dict[str, float] | None = None
         # Set by the entrypoint before anything else (see kubetune_trainer.device).
         self.device: Device = CPU
+        self.lease: WriterLease | None = None  # rank 0's, once taken
+
+    # -- the writer lease (see kubetune_runtime.lease) -------------------------------------
+    def take_lease(self) -> None:
+        """Become the job's one writer (rank 0), waiting while another trainer is."""
+        self.lease = WriterLease(
+            self.store,
+            self.layout.writer_lease_key(self.config.org, self.config.job_id),
+            ttl_seconds=self.config.writer_lease_seconds,
+        )
+        self.lease.acquire(on_wait=self._waiting_for)
+
+    def _waiting_for(self, holder: LeaseRecord) -> None:
+        log.warning("the writer lease is held by %s: waiting", holder.holder)
+        if self.events is not None:  # at once: the wait may be long
+            self.events.message(
+                TrainerEventKind.WARNING,
+                f"Another trainer ({holder.holder}) is writing this job; waiting until it "
+                f"stops or its lease expires ({holder.ttl_seconds:.0f} s after its last "
+                "renewal)",
+                level=EventLevel.WARN,
+                flush=True,
+                holder=holder.holder,
+            )
+
+    def ensure_writer(self) -> None:
+        """Renew the lease before a write that publishes; ``LeaseLost`` when another trainer
+        took the job over (ranks other than 0 hold none and never publish).
+        """
+        if self.lease is not None:
+            self.lease.ensure_held()
+
+    def release_lease(self) -> None:
+        """Give the lease back (every ending but a hard crash)."""
+        if self.lease is not None:
+            self.lease.release()
 
     # -- helpers the training module uses --------------------------------------------------
     def message(self, kind: TrainerEventKind, message: str, **data: Any) -> None:

@@ -326,6 +326,7 @@ def _publish(
     )
     (out / "manifest.json").write_text(json.dumps(body, indent=2, allow_nan=False))
     prefix = run.layout.adapter_prefix(config.org, config.job_id)
+    run.ensure_writer()
     run.store.put_bytes(
         run.layout.results_key(config.org, config.job_id),
         run.results.to_csv(),

@@ -1,0 +1,126 @@
+"""Two trainers of one job never both write it: the trainer holds the job's writer lease, waits
+while another replica holds it, and refuses to commit once another trainer took it over.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.settings import ObjectStoreSettings
+from kubetune.trainer_events import TrainerEventKind
+from kubetune_runtime.lease import SLOT_ENV, LeaseRecord, WriterLease
+from kubetune_runtime.objectstore import LocalObjectStore
+from kubetune_trainer import exit_codes
+from tests.trainer.harness import ORG, REPO, Job, make_job, trainer_env
+from tests.trainer.tiny import jsonl, sft_examples
+
+pytestmark = pytest.mark.trainer
+
+
+def _job(tiny_model: Path, store: LocalObjectStore, root: Path, **overrides: Any) -> Job:
+    return make_job(
+        store,
+        ObjectStoreSettings(local_root=root / "store"),
+        tiny_model,
+        root / "job",
+        jsonl(sft_examples(40)),
+        **overrides,
+    )
+
+
+def _committed_steps(job: Job) -> list[int]:
+    from kubetune_trainer.checkpoints import CheckpointStore
+
+    return CheckpointStore(job.store, job.layout, ORG, job.config.job_id).committed_steps()
+
+
+def test_a_trainer_whose_lease_was_taken_over_commits_nothing_more(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+    job = _job(
+        tiny_model,
+        store,
+        tmp_path,
+        total_steps=60,
+        hyperparameters={"n_epochs": 6},
+        checkpointing={"every_steps": 5, "keep": 20},
+    )
+    key = job.layout.writer_lease_key(ORG, job.config.job_id)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
+        env=trainer_env(job.workdir, {SLOT_ENV: "replica-a"}),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _committed_steps(job) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Another replica takes the job over (as after the first one's lease expired).
+        usurper = WriterLease(store, key, ttl_seconds=600, slot="replica-b")
+        current = store.get_versioned(key)
+        assert current is not None
+        store.put_if(key, usurper_record(usurper), expected_tag=current.tag)
+        taken_at = _committed_steps(job)
+        code = proc.wait(120)
+    finally:
+        proc.kill()
+    assert taken_at, "the trainer committed no checkpoint in time"
+    assert code == exit_codes.RETRYABLE_ERROR
+    assert _committed_steps(job) == taken_at  # nothing committed after the takeover
+    assert max(taken_at) < 60
+    assert not store.exists(job.layout.adapter_manifest_key(ORG, job.config.job_id))
+    errors = [e for e in job.events() if e.data.get("code") == "lease_lost"]
+    assert errors
+    assert "replica-b" in errors[-1].message
+    lease_now = store.get_versioned(key)
+    assert lease_now is not None
+    assert LeaseRecord.decode(lease_now.data).holder == usurper.holder  # left alone
+
+
+def usurper_record(usurper: WriterLease) -> bytes:
+    return LeaseRecord(
+        holder=usurper.holder, slot=usurper.slot, renewed_at=time.time(), ttl_seconds=600
+    ).encode()
+
+
+def test_a_trainer_waits_for_the_replica_holding_the_lease_then_finds_its_result(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+    job = _job(tiny_model, store, tmp_path)
+    key = job.layout.writer_lease_key(ORG, job.config.job_id)
+    other = WriterLease(store, key, ttl_seconds=600, slot="replica-b")
+    other.acquire()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
+        env=trainer_env(job.workdir, {SLOT_ENV: "replica-a"}),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not job.kinds() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.kinds() == [TrainerEventKind.WARNING]  # waiting, and nothing else
+        assert other.holder in job.events()[0].message
+        assert proc.poll() is None
+        # The other replica publishes the result and lets go.
+        store.put_json(job.layout.adapter_manifest_key(ORG, job.config.job_id), {"step": 20})
+        other.release()
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+        other.release()
+    assert code == exit_codes.SUCCESS
+    assert job.kinds() == [TrainerEventKind.WARNING, TrainerEventKind.COMPLETED]
+    assert _committed_steps(job) == []  # it trained nothing
