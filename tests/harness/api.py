@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ class ApiServer:
         """Stop the server."""
         self._proc.stop()
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash)."""
+        self._proc.kill()
+
 
 def catalogue_env(tokenizer: Path | None = None) -> str:
     """``KUBETUNE_MODELS``: ``tiny-llama`` (counting tokens with ``tokenizer`` if given) and
@@ -151,13 +156,18 @@ def backend_env(
 
 
 def start_api(
-    data_dir: Path, env: dict[str, str], backend: str, *, ready: bool = True
+    data_dir: Path,
+    env: dict[str, str],
+    backend: str,
+    *,
+    ready: bool = True,
+    orgs: Sequence[str] = ORGS,
 ) -> ApiServer:
-    """Start the API with a keys file for two orgs (and an admin) and the given settings env;
-    wait until it is ready (``/readyz``), or only alive (``/healthz``: its store is down).
+    """Start the API with a keys file for ``orgs`` and the given settings env; wait until it
+    is ready (``/readyz``), or only alive (``/healthz``: its store is down).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    keys = {org: new_api_key() for org in ORGS}
+    keys = {org: new_api_key() for org in orgs}
     keys_file = data_dir / "keys.json"
     keys_file.write_text(
         json.dumps(

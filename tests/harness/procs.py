@@ -58,6 +58,13 @@ class ServerProcess:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not {what} after {timeout}s:\n{self.log_tail()}")
 
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, for fault injection) and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process group: SIGTERM, then SIGKILL after ``timeout``."""
         if self.proc.poll() is None:

@@ -99,3 +99,14 @@ class VllmServer:
     def stop(self) -> None:
         """Stop the server."""
         self.process.stop(timeout=20)
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL the server, then start it again on the same port, as the kubelet restarts a
+        crashed container (a fresh process: no adapter loaded), and wait until it serves.
+        """
+        self.process.kill()
+        log = self.process.log_path
+        self.process = ServerProcess(
+            "vllm", self.launch.argv(), log.with_suffix(".restarted.log"), env=self.launch.env()
+        )
+        self.wait_ready()

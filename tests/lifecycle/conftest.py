@@ -221,29 +221,3 @@ def make_deployment(
 def deployment(make_deployment: Callable[..., Deployment]) -> Deployment:
     """The runtime under test with the real trainer, no vLLM."""
     return make_deployment()
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The tally of tests/lifecycle/test_faults.py, when it ran (under xdist too: the
-    recorded properties travel with the reports).
-    """
-    from collections import Counter
-
-    faults: Counter[str] = Counter()
-    outcomes: Counter[str] = Counter()
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            if getattr(report, "when", None) != "call":
-                continue
-            properties = dict(getattr(report, "user_properties", []))
-            if "fault" in properties:
-                faults[properties["fault"]] += 1
-                outcomes[properties.get("fault_outcome", "lost")] += 1
-    if faults:
-        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(faults.items()))
-        terminalreporter.write_line(
-            f"fault injection: {sum(faults.values())} faults injected ({kinds}); "
-            f"{outcomes['recovered']} jobs recovered, {outcomes['lost']} lost, "
-            f"{outcomes['orphans']} with orphan processes, {outcomes['duplicates']} with "
-            "duplicate workloads"
-        )

@@ -157,6 +157,11 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
         kinds = {e.reason: e.type for e in testbed.kube_events(name)}
         assert kinds.get("Served") == "Normal"
 
+        # vLLM crashes and its container restarts empty: the next push loads the adapter again.
+        vllm_b.crash_and_restart()
+        testbed.wait(lambda: model in vllm_b.adapters(), "reloaded after a crash", SERVE_TIMEOUT)
+        assert complete(vllm_b, model, prompt) == complete(vllm_a, model, prompt)
+
         # Deleting the model (what DELETE /v1/models/{id} does) unloads it from both.
         testbed.kubectl(
             "annotate", "finetunejob", name, "-n", testbed.namespace,
