@@ -380,6 +380,13 @@ class OperatorSettings(BaseModel):
         description="Longest a trainer rank waits in a collective (NCCL's watchdog) while "
         "another downloads the base model or uploads a checkpoint.",
     )
+    writer_lease_seconds: int = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        description="Time to live of the writer lease a trainer holds on its job: how long a "
+        "trainer on another node waits after the holder crashed without releasing it.",
+    )
     master_port: int = Field(default=23456, ge=1, le=65535, description="torchrun rendezvous.")
     cpu_request: str = Field(default="4", description="CPU request per trainer pod.")
     memory_request: str = Field(default="32Gi", description="Memory request per trainer pod.")

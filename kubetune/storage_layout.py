@@ -44,6 +44,7 @@ _WEBHOOK_MESSAGE_RE: Final = re.compile(WEBHOOK_MESSAGE_ID_PATTERN)
 EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
 CHECKPOINT_DIGITS: Final = 10
 MANIFEST_NAME: Final = "manifest.json"
+FILE_META_SUFFIX: Final = ".meta.json"  # a file's metadata sits beside its bytes
 
 
 def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -77,7 +78,7 @@ class StorageLayout:
 
     def file_meta_key(self, org: str, file_id: str) -> str:
         """Key of an uploaded file's metadata; its presence makes the file visible."""
-        return f"{self.file_key(org, file_id)}.meta.json"
+        return f"{self.file_key(org, file_id)}{FILE_META_SUFFIX}"
 
     def uploads_prefix(self, org: str) -> str:
         """Folder of an org's multi-request uploads."""

@@ -91,12 +91,15 @@ class ClusterRuntime:
 
     @property
     def trainer_defaults(self) -> TrainerDefaults:
-        """The image, metrics port, stop grace and collective timeout of every trainer pod."""
+        """The image, metrics port, stop grace, collective timeout and writer lease of every
+        trainer pod.
+        """
         return TrainerDefaults(
             image=self.opts.trainer_image,
             metrics_port=self.opts.trainer_metrics_port,
             stop_grace_seconds=self.opts.termination_grace_seconds,
             collective_timeout_seconds=self.opts.collective_timeout_seconds,
+            writer_lease_seconds=self.opts.writer_lease_seconds,
         )
 
     def _namespace(self, job: FineTuneJob) -> str:

@@ -114,11 +114,17 @@ class TrainerDefaults:
     cpu_fallback: bool = False  # a job asking for GPUs may train on the CPU (local mode)
     stop_grace_seconds: float | None = None  # the pod's terminationGracePeriodSeconds
     collective_timeout_seconds: int | None = None  # None: the trainer config's default
+    writer_lease_seconds: float | None = None  # None: the trainer config's default
 
     def apply(self, config: TrainerConfig) -> TrainerConfig:
         """``config`` with what this runtime sets (the image and metrics port are set already)."""
         update: dict[str, object] = {"cpu_fallback": self.cpu_fallback}
-        for name in ("event_flush_seconds", "stop_grace_seconds", "collective_timeout_seconds"):
+        for name in (
+            "event_flush_seconds",
+            "stop_grace_seconds",
+            "collective_timeout_seconds",
+            "writer_lease_seconds",
+        ):
             value = getattr(self, name)
             if value is not None:
                 update[name] = value

@@ -329,7 +329,25 @@ def _remaining_size(stream: object) -> int | None:
     return max(end - start, 0)
 
 
-class ObjectReader(Iterator[bytes]):
+class _ClosedOnExit:
+    """``with thing:`` closes ``thing`` at the end (readers and stores alike)."""
+
+    def close(self) -> None:
+        """Release what it holds (connections, files); nothing by default."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ObjectReader(_ClosedOnExit, Iterator[bytes]):
     """The chunks of one object, opened eagerly so a missing key raises when it is opened.
 
     ``info`` describes the object as it is being read. When the last chunk has been read, the
@@ -386,20 +404,9 @@ class ObjectReader(Iterator[bytes]):
             self._done = True
             self._close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 # The interface -----------------------------------------------------------------------------
-class ObjectStore(abc.ABC):
+class ObjectStore(_ClosedOnExit, abc.ABC):
     """A flat key → bytes store with S3 semantics. Thread-safe; the API calls it from a pool."""
 
     @abc.abstractmethod
@@ -591,20 +598,6 @@ class ObjectStore(abc.ABC):
                     future.cancel()
                 raise
         return [future.result() for future in futures]
-
-    def close(self) -> None:  # noqa: B027  (optional hook; most backends hold nothing)
-        """Release connections held by the store."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # Local folder ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
+# The trainer image's entrypoint, as a host command: this venv's Python.
+TRAINER_ENTRYPOINT: Final = (sys.executable, "-m", "kubetune_trainer.launch")
 # The part of this host's environment a container would also have.
 HOST_ENV: Final = ("PATH", "LANG", "LC_ALL")
 
@@ -263,10 +266,10 @@ class ControllerStandIn(ABC, Generic[R]):
         namespace: str,
         workdir: Path,
         *,
-        entrypoint: Sequence[str],
-        node_env: Mapping[str, str] | None,
-        grace_cap: float,
-        poll: float,
+        entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
+        node_env: Mapping[str, str] | None = None,
+        grace_cap: float = 60.0,
+        poll: float = 0.2,
     ) -> None:
         from kubernetes import client
 

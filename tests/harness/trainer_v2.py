@@ -56,7 +56,7 @@ from typing import Any, Final
 
 from tests.harness.kubelet import ControllerStandIn, Pod
 from tests.harness.paths import free_port
-from tests.harness.training_operator import TRAINER_ENTRYPOINT, is_true, set_condition
+from tests.harness.training_operator import is_true, set_condition
 
 TRAINER: Final = ("trainer.kubeflow.org", "v1alpha1")
 TRAINJOBS: Final = "trainjobs"
@@ -229,27 +229,6 @@ class TrainerV2(ControllerStandIn[JobSetRun]):
 
     group, version = TRAINER
     plural = TRAINJOBS
-
-    def __init__(
-        self,
-        api_client: Any,
-        namespace: str,
-        workdir: Path,
-        *,
-        entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
-        node_env: Mapping[str, str] | None = None,
-        grace_cap: float = 60.0,
-        poll: float = 0.2,
-    ) -> None:
-        super().__init__(
-            api_client,
-            namespace,
-            workdir,
-            entrypoint=entrypoint,
-            node_env=node_env,
-            grace_cap=grace_cap,
-            poll=poll,
-        )
 
     def _new_run(self, obj: Mapping[str, Any]) -> JobSetRun:
         meta = obj["metadata"]

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +73,6 @@ CONTAINER: Final = "pytorch"
 REPLICA_TYPES: Final = ("Master", "Worker")
 # The trainer image's ENTRYPOINT (trainer-image/Dockerfile): a launcher that turns the
 # PyTorchJob environment into torchrun's arguments and the workers' exit codes into the pod's.
-TRAINER_ENTRYPOINT: Final = (sys.executable, "-m", "kubetune_trainer.launch")
 
 
 def _now() -> str:
@@ -165,21 +163,13 @@ class TrainingOperator(ControllerStandIn[JobRun]):
         namespace: str,
         workdir: Path,
         *,
-        entrypoint: Sequence[str] = TRAINER_ENTRYPOINT,
-        node_env: Mapping[str, str] | None = None,
         restart_delay: float = 1.0,
-        grace_cap: float = 60.0,
-        poll: float = 0.2,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            api_client,
-            namespace,
-            workdir,
-            entrypoint=entrypoint,
-            node_env=node_env,
-            grace_cap=grace_cap,
-            poll=poll,
-        )
+        """``options`` are :class:`ControllerStandIn`'s (entrypoint, node_env, grace_cap,
+        poll); ``restart_delay`` is how long a failed replica waits before it restarts.
+        """
+        super().__init__(api_client, namespace, workdir, **options)
         self.restart_delay = restart_delay
 
     def _new_run(self, obj: Mapping[str, Any]) -> JobRun:

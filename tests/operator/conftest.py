@@ -26,6 +26,7 @@ from tests.chart.chart import CHART, parse_manifests
 from tests.harness.crds import JOBSET_CRDS, KUEUE_CRDS, TRAINER_V2_CRDS
 from tests.harness.files import store_training_file
 from tests.harness.kube import KubeCluster
+from tests.harness.kubelet import TRAINER_ENTRYPOINT
 from tests.harness.kueue import PYTORCHJOB_KIND, TRAINJOB_KIND, Kueue
 from tests.harness.operator import OperatorProcess
 from tests.harness.paths import REPO_ROOT, free_port
@@ -39,12 +40,11 @@ from tests.harness.training_operator import (
     PLURAL as PYTORCHJOB_PLURAL,
 )
 from tests.harness.training_operator import (
-    TRAINER_ENTRYPOINT,
-    TrainingOperator,
-    wait_until,
+    VERSION as PYTORCHJOB_VERSION,
 )
 from tests.harness.training_operator import (
-    VERSION as PYTORCHJOB_VERSION,
+    TrainingOperator,
+    wait_until,
 )
 
 ORG = "default"

@@ -164,7 +164,9 @@ def test_the_trainer_config_carries_the_pods_grace_period_and_collective_timeout
     from kubetune_operator.workloads import ClusterRuntime
     from kubetune_runtime.faults import Faults
 
-    opts = OperatorSettings(termination_grace_seconds=900, collective_timeout_seconds=7200)
+    opts = OperatorSettings(
+        termination_grace_seconds=900, collective_timeout_seconds=7200, writer_lease_seconds=45
+    )
     types = {"pytorchjob": PYTORCHJOB_WORKLOAD, "trainjob": TRAINJOB_WORKLOAD}
     runtime = ClusterRuntime(
         types[workload],
@@ -176,6 +178,7 @@ def test_the_trainer_config_carries_the_pods_grace_period_and_collective_timeout
     defaults = runtime.trainer_defaults
     # The launcher gives torchrun's workers most of this; the pod must allow as much.
     assert (defaults.stop_grace_seconds, defaults.collective_timeout_seconds) == (900, 7200)
+    assert defaults.writer_lease_seconds == 45
     assert defaults.cpu_fallback is False  # a cluster's GPU job never trains on a CPU
     if workload == "pytorchjob":
         specs = pytorchjob(job(), opts)["spec"]["pytorchReplicaSpecs"]

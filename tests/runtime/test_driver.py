@@ -311,7 +311,10 @@ def test_a_success_is_published_and_says_where_it_is_served_in_the_same_write(
     assert world.runtime.calls[-1] == ("release", name)
 
 
-def test_a_pause_waits_for_the_trainer_to_say_it_stopped(world: World) -> None:
+def running_then_paused(world: World) -> tuple[FineTuneJob, JobState, str]:
+    """A job whose trainer has said it started, then paused by its spec; with the driver's
+    state and the job's events folder.
+    """
     job = world.submit()
     state = JobState()
     world.run(state, job)
@@ -323,6 +326,12 @@ def test_a_pause_waits_for_the_trainer_to_say_it_stopped(world: World) -> None:
         world.store, prefix, [JobEvent(message="go", data=message_data(TrainerEventKind.STARTED))]
     )
     world.set_spec(job, suspend=True)
+    return job, state, prefix
+
+
+def test_a_pause_waits_for_the_trainer_to_say_it_stopped(world: World) -> None:
+    job, state, prefix = running_then_paused(world)
+    name = job.metadata.name
     # The workload says suspended at once (a TrainJob does); its trainer is still committing.
     world.runtime.workloads[name].phase = JobPhase.PAUSED
     pausing = world.run(state, job)
@@ -340,17 +349,8 @@ def test_a_trainer_that_never_says_it_stopped_is_paused_after_its_grace(world: W
     world.driver.clock = lambda: now[0]
     world.driver.stop_grace_seconds = 30
     world.driver.progress_seconds = 0.1
-    job = world.submit()
-    state = JobState()
-    world.run(state, job)
+    job, state, _ = running_then_paused(world)
     name = job.metadata.name
-    world.runtime.workloads[name].phase = JobPhase.RUNNING
-    world.run(state, job)
-    prefix = world.driver.layout.events_prefix(ORG, name)
-    write_control_events(
-        world.store, prefix, [JobEvent(message="go", data=message_data(TrainerEventKind.STARTED))]
-    )
-    world.set_spec(job, suspend=True)
     world.runtime.workloads[name].phase = JobPhase.PAUSED
     now[0] = 1.0
     assert world.run(state, job).status.phase is JobPhase.PAUSING  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ from typing import BinaryIO
 from kubetune.files import FileMeta, FilePurpose, FileStatus
 from kubetune.ids import IdKind, is_valid_id, new_file_id
 from kubetune.settings import Settings
-from kubetune.storage_layout import StorageLayout
+from kubetune.storage_layout import FILE_META_SUFFIX, StorageLayout
 from kubetune_api.auth import Principal
 from kubetune_api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from kubetune_api.metrics import FILES_CREATED
@@ -17,8 +17,6 @@ from kubetune_api.protocol import DeleteFileResponse, ListFilesResponse, OpenAIF
 from kubetune_api.tokens import token_counter
 from kubetune_runtime.datasets import JsonlValidator
 from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
-
-META_SUFFIX = ".meta.json"
 
 
 def to_openai(meta: FileMeta) -> OpenAIFile:
@@ -173,15 +171,17 @@ class FileService:
         cutoff = now - grace_seconds
         listed = list(self.store.list(prefix))
         described = {
-            info.key[: -len(META_SUFFIX)] for info in listed if info.key.endswith(META_SUFFIX)
+            info.key[: -len(FILE_META_SUFFIX)]
+            for info in listed
+            if info.key.endswith(FILE_META_SUFFIX)
         }
         deleted = 0
         for info in listed:
-            if info.key.endswith(META_SUFFIX) or info.key in described:
+            if info.key.endswith(FILE_META_SUFFIX) or info.key in described:
                 continue
             if info.last_modified.timestamp() >= cutoff:
                 continue
-            if self.store.head(info.key + META_SUFFIX) is None:
+            if self.store.head(info.key + FILE_META_SUFFIX) is None:
                 self.store.delete(info.key)
                 deleted += 1
         return deleted
@@ -189,9 +189,9 @@ class FileService:
     def _meta_ids(self, org: str) -> list[str]:
         prefix = self.layout.files_prefix(org)
         return [
-            info.key[len(prefix) : -len(META_SUFFIX)]
+            info.key[len(prefix) : -len(FILE_META_SUFFIX)]
             for info in self.store.list(prefix)
-            if info.key.endswith(META_SUFFIX)
+            if info.key.endswith(FILE_META_SUFFIX)
         ]
 
     def _count(self, org: str) -> int:
