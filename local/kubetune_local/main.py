@@ -39,7 +39,13 @@ from kubetune.settings import BaseModelEntry, Mode, Settings
 from kubetune_api.app import build_services, create_app
 from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
 from kubetune_api.backends.local import LocalJobBackend
-from kubetune_local.process import ChildProcess, children_registry, stop_orphans
+from kubetune_local.process import (
+    ChildProcess,
+    DataDirInUse,
+    children_registry,
+    lock_data_dir,
+    stop_orphans,
+)
 from kubetune_local.runner import LocalRunner
 from kubetune_runtime.ports import free_loopback_port
 from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python
@@ -245,6 +251,7 @@ def prepare(args: argparse.Namespace) -> tuple[Settings, Path, str]:
     """The settings, the base model's folder and the API key, made on first start."""
     settings = local_settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock_data_dir(settings.data_dir)  # before the orphan sweep: they are no live server's
     left = stop_orphans(children_registry(settings.data_dir))
     if left:  # a previous run was killed before it could stop them
         print(f"Stopped what a previous run left running: {', '.join(left)}", flush=True)
@@ -307,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(parse_args(argv))
     except (KeyboardInterrupt, Stop):  # before the server started (e.g. waiting for vLLM)
         return 0
+    except DataDirInUse as exc:
+        print(f"kubetune: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

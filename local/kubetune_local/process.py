@@ -8,12 +8,15 @@ when the grace period is over, so no grandchild (torchrun's workers) is left beh
 A server killed outright cannot do that, so each child runs under a guardian
 (:mod:`kubetune_local.guardian`) that stops it the same way when the server dies, and is
 recorded in the data folder until it is reaped: the next start stops whatever a crashed run
-left (:func:`stop_orphans`), so a job never has two trainers and vLLM never runs twice.
+left (:func:`stop_orphans`), so a job never has two trainers and vLLM never runs twice. One
+server at a time uses a data folder (:func:`lock_data_dir`): a second one would take the first
+one's children for orphans.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -112,6 +115,36 @@ class ChildProcess:
 
 
 GUARDIAN: Final = "kubetune_local.guardian"
+
+
+class DataDirInUse(Exception):
+    """Another server runs on the data folder."""
+
+    def __init__(self, data_dir: Path, pid: str) -> None:
+        super().__init__(
+            f"another kubetune server (pid {pid or 'unknown'}) is running on {data_dir}: stop it "
+            "first, or start this one with another --data-dir"
+        )
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold ``data_dir`` for this process's life (an exclusive ``flock`` on ``run/server.lock``,
+    released by the kernel however the process ends); raises :class:`DataDirInUse` when
+    another process holds it. Returns the descriptor that holds the lock (not inherited by
+    children: they are stopped on their own, see :func:`stop_orphans`).
+    """
+    path = data_dir / "run" / "server.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise DataDirInUse(data_dir, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def children_registry(data_dir: Path) -> Path:

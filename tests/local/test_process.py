@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_local.process import ChildProcess, _start_ticks, children_registry, stop_orphans
+from kubetune_local.process import (
+    ChildProcess,
+    DataDirInUse,
+    _start_ticks,
+    children_registry,
+    lock_data_dir,
+    stop_orphans,
+)
 
 # A child as a trainer behaves: SIGTERM → "checkpoint" → exit 143.
 TRAINER_LIKE = (
@@ -118,3 +125,40 @@ def test_a_child_killed_by_a_signal_is_seen_as_killed(tmp_path: Path, signum: in
     while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert child.poll() == -signum
+
+
+def test_one_server_at_a_time_holds_a_data_folder(tmp_path: Path) -> None:
+    """A second server would take the first one's children for orphans and stop them."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path\n"
+            "from kubetune_local.process import lock_data_dir\n"
+            "lock_data_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DataDirInUse, match=f"pid {holder.pid}"):
+            lock_data_dir(tmp_path)
+        second = subprocess.run(
+            [sys.executable, "-m", "kubetune_local", "--data-dir", str(tmp_path), "--no-vllm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert f"another kubetune server (pid {holder.pid}) is running on" in second.stderr
+        holder.send_signal(signal.SIGKILL)  # a crashed server holds nothing
+        holder.wait()
+        fd = lock_data_dir(tmp_path)
+        os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
