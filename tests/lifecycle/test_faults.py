@@ -8,8 +8,9 @@ adapter, one workload created once, no trainer process left, and its training fi
 after the API's crash the restarted API must show the job, its events and its file.
 
 ``make test`` runs one round (each fault once per runtime); ``make test-faults`` runs
-``KUBETUNE_FAULT_ROUNDS`` rounds. Each test records its fault and outcome; the suite's
-conftest prints the tally (faults injected, jobs recovered, lost, orphans, duplicates).
+``KUBETUNE_FAULT_ROUNDS`` rounds (from ``KUBETUNE_FAULT_FIRST_ROUND``, 0). Each test records
+its fault and outcome; the root conftest prints the tally (faults injected, jobs recovered,
+lost, orphans, duplicates).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from tests.operator.conftest import ORG, PLANNED_STEPS, jsonl, sft_rows
 
 FAULTS = ("operator-sigkill", "trainer-sigkill", "s3-outage", "apiserver-restart", "api-sigkill")
 ROUNDS = int(os.environ.get("KUBETUNE_FAULT_ROUNDS", "1"))
+# Rounds are seeded by their number: a long run can be split (rounds 0-3, then 4-7) and still
+# inject exactly the faults of one run.
+FIRST_ROUND = int(os.environ.get("KUBETUNE_FAULT_FIRST_ROUND", "0"))
 
 
 @dataclass
@@ -193,7 +197,7 @@ def outcome_of(failure: AssertionError | None) -> str:
     return "lost"
 
 
-@pytest.mark.parametrize("round_", range(ROUNDS))
+@pytest.mark.parametrize("round_", range(FIRST_ROUND, ROUNDS))
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_job_survives_a_fault_at_a_random_point(
     deployment: ClusterDeployment,
