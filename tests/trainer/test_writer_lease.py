@@ -34,6 +34,17 @@ def _job(tiny_model: Path, store: LocalObjectStore, root: Path, **overrides: Any
     )
 
 
+def start_trainer(job: Job, *, slot: str) -> subprocess.Popen[bytes]:
+    """The trainer of ``job`` as the replica ``slot``, in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
+        env=trainer_env(job.workdir, {SLOT_ENV: slot}),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _committed_steps(job: Job) -> list[int]:
     from kubetune_trainer.checkpoints import CheckpointStore
 
@@ -53,13 +64,7 @@ def test_a_trainer_whose_lease_was_taken_over_commits_nothing_more(
         checkpointing={"every_steps": 5, "keep": 20},
     )
     key = job.layout.writer_lease_key(ORG, job.config.job_id)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
-        env=trainer_env(job.workdir, {SLOT_ENV: "replica-a"}),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_trainer(job, slot="replica-a")
     try:
         deadline = time.monotonic() + 120
         while not _committed_steps(job) and time.monotonic() < deadline:
@@ -100,13 +105,7 @@ def test_a_trainer_waits_for_the_replica_holding_the_lease_then_finds_its_result
     key = job.layout.writer_lease_key(ORG, job.config.job_id)
     other = WriterLease(store, key, ttl_seconds=600, slot="replica-b")
     other.acquire()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
-        env=trainer_env(job.workdir, {SLOT_ENV: "replica-a"}),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_trainer(job, slot="replica-a")
     try:
         deadline = time.monotonic() + 60
         while not job.kinds() and time.monotonic() < deadline:
