@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -137,6 +139,42 @@ def test_launcher_maps_the_trainjob_environment() -> None:
     assert pairs["--master_addr"] == "job-node-0-0.job"
     assert pairs["--master_port"] == "29500"
     assert (pairs["--nnodes"], pairs["--node_rank"], pairs["--nproc_per_node"]) == ("2", "1", "4")
+
+
+_EXIT_BARRIER_PROBE = """
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from kubetune_trainer.launch import shorten_exit_barrier
+
+def agent():
+    spec = WorkerSpec(role="trainer", local_world_size=1, rdzv_handler=None, entrypoint="true")
+    return LocalElasticAgent(spec=spec, logs_specs=DefaultLogsSpecs())
+
+before = agent()._exit_barrier_timeout
+shorten_exit_barrier(12.0)
+shorten_exit_barrier(7.0)
+print(before, agent()._exit_barrier_timeout)
+"""
+
+
+def test_the_launcher_shortens_torchruns_exit_barrier(tmp_path: Path) -> None:
+    """A node restarted just before the result was published never reaches the barrier; the
+    master's pod must not wait torchrun's default five minutes for it. Set again, the value is
+    replaced, not stacked. (In a subprocess: the launcher's own process is the one it changes.)
+    """
+    from tests.trainer.harness import REPO, trainer_env
+
+    probe = subprocess.run(
+        [sys.executable, "-c", _EXIT_BARRIER_PROBE],
+        env=trainer_env(tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert probe.stdout.split() == ["300", "7.0"]
 
 
 def test_exit_code_of_a_pod_from_its_workers() -> None:

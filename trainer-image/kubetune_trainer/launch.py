@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from kubetune.trainer_config import DEFAULT_STOP_GRACE_SECONDS
 from kubetune_trainer import exit_codes
@@ -34,6 +34,32 @@ DEFAULT_MASTER_PORT: Final = "23456"
 # forwarding SIGTERM, reaping the workers, and exiting with their code before the kubelet's
 # SIGKILL.
 AGENT_GRACE_SECONDS: Final = 15.0
+# How long torchrun's agent waits at exit for the other nodes' agents (its "exit barrier",
+# 300 s by default; see shorten_exit_barrier).
+EXIT_BARRIER_SECONDS: Final = 30.0
+
+
+def shorten_exit_barrier(seconds: float = EXIT_BARRIER_SECONDS) -> None:
+    """Make torchrun's agent wait at most ``seconds`` for the other nodes' agents once its own
+    workers finished.
+
+    The exit barrier guards scripts whose nodes must end together; ours need none (rank 0
+    publishes the result and nothing waits for peers after it). But a node restarted just
+    before the result was published never reaches the barrier (its trainer waits for a rank 0
+    that is gone), and the master's pod then stays up for the default five minutes before the
+    job can succeed (found by tests/lifecycle/test_faults.py). torchrun has no option for it,
+    so the launcher, a process that runs only torchrun's agent, sets the agent's default.
+    """
+    import functools
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    init: Any = vars(LocalElasticAgent)["__init__"]
+    if isinstance(init, functools.partialmethod):  # set already: keep the original underneath
+        init = init.func
+    LocalElasticAgent.__init__ = functools.partialmethod(  # type: ignore[method-assign,assignment]
+        init, exit_barrier_timeout=seconds
+    )
 
 
 def shutdown_timeout(stop_grace_seconds: float) -> int:
@@ -119,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    shorten_exit_barrier()
     try:
         grace = stop_grace_seconds(trainer_args)
         run(parse_args(torchrun_args(os.environ, trainer_args, grace)))  # type: ignore[no-untyped-call]
