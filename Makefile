@@ -39,8 +39,8 @@ test-deps: $(STAMP) ## Install etcd, build/cache kube-apiserver, fetch kubectl a
 test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-test-faults: test-deps ## Fault injection at full size: ROUNDS (default 8) x 5 faults x 2 runtimes; prints the tally
-	KUBETUNE_FAULT_ROUNDS=$(or $(ROUNDS),8) KUBETUNE_FAULT_FIRST_ROUND=$(or $(FIRST_ROUND),0) \
+test-faults: test-deps ## Fault injection at full size: ROUNDS (default 6) x 5 faults x 2 runtimes (60 faults); prints the tally
+	KUBETUNE_FAULT_ROUNDS=$(or $(ROUNDS),6) KUBETUNE_FAULT_FIRST_ROUND=$(or $(FIRST_ROUND),0) \
 		$(PY) -m pytest -n 2 tests/lifecycle/test_faults.py
 
 test-fast: $(STAMP) ## Run the tests that need no cluster

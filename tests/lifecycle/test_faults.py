@@ -37,7 +37,7 @@ from tests.operator.conftest import ORG, PLANNED_STEPS, jsonl, sft_rows
 
 FAULTS = ("operator-sigkill", "trainer-sigkill", "s3-outage", "apiserver-restart", "api-sigkill")
 ROUNDS = int(os.environ.get("KUBETUNE_FAULT_ROUNDS", "1"))
-# Rounds are seeded by their number: a long run can be split (rounds 0-3, then 4-7) and still
+# Rounds are seeded by their number: a long run can be split (rounds 0-3, then 4-5) and still
 # inject exactly the faults of one run.
 FIRST_ROUND = int(os.environ.get("KUBETUNE_FAULT_FIRST_ROUND", "0"))
 
