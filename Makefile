@@ -37,7 +37,7 @@ test-deps: $(STAMP) ## Install etcd, build/cache kube-apiserver, fetch kubectl a
 	PYTHON=$(PY) bash hack/install-test-deps.sh
 
 test: test-deps ## Run the whole test suite (real apiserver, S3 server, ...)
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 test-faults: test-deps ## Fault injection at full size: ROUNDS (default 6) x 5 faults x 2 runtimes (60 faults); prints the tally
 	KUBETUNE_FAULT_ROUNDS=$(or $(ROUNDS),6) KUBETUNE_FAULT_FIRST_ROUND=$(or $(FIRST_ROUND),0) \

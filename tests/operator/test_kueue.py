@@ -146,6 +146,10 @@ def test_a_job_kueue_can_never_admit_fails_after_the_queued_time_limit(make_test
     )
     assert status.started_at is None
     testbed.wait(lambda: testbed.trainjobs() == [], "the TrainJob to be deleted", timeout=30)
-    assert f"The job failed: {status.error.message}" in [
-        e.message for e in testbed.job_events(name)
-    ]
+    # The operator posts the event after the status patch that ends the job, so wait for it.
+    failed_event = f"The job failed: {status.error.message}"
+    testbed.wait(
+        lambda: failed_event in [e.message for e in testbed.job_events(name)],
+        "the job's failure event",
+        timeout=30,
+    )
