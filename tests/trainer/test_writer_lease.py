@@ -123,3 +123,55 @@ def test_a_trainer_waits_for_the_replica_holding_the_lease_then_finds_its_result
     assert code == exit_codes.SUCCESS
     assert job.kinds() == [TrainerEventKind.WARNING, TrainerEventKind.COMPLETED]
     assert _committed_steps(job) == []  # it trained nothing
+
+
+def test_a_rank_waiting_for_a_finished_rank_0_ends_once_the_result_is_published(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A worker restarted just before rank 0 published joins a rank 0 that will never come:
+    it must end with success once the result is there, not hold its node until the timeout.
+    """
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+    from kubetune_trainer.main import RESULT_POLL_SECONDS
+    from tests.harness.paths import free_port
+
+    store = LocalObjectStore(tmp_path / "store")
+    job = _job(tiny_model, store, tmp_path, collective_timeout_seconds=600)
+    port = free_port()
+    # The master's agent store, with no rank 0 ever joining it.
+    master_store = TCPStore("127.0.0.1", port, world_size=2, is_master=True, wait_for_workers=False)
+    log_path = tmp_path / "rank1.log"
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_trainer", "--config", str(job.config_path)],
+            env=trainer_env(job.workdir, env),
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"joining the job's other ranks" not in log_path.read_bytes():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the rank never started to join"
+            time.sleep(0.1)
+        time.sleep(RESULT_POLL_SECONDS + 1)
+        assert proc.poll() is None, "the rank did not wait for rank 0"
+        # Rank 0 (in the pod that never restarted) publishes the result and exits.
+        store.put_json(job.layout.adapter_manifest_key(ORG, job.config.job_id), {"step": 20})
+        code = proc.wait(RESULT_POLL_SECONDS * 4)
+    finally:
+        proc.kill()
+        del master_store
+    assert code == exit_codes.SUCCESS, log_path.read_text()
+    assert store.get_versioned(job.layout.writer_lease_key(ORG, job.config.job_id)) is None

@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -33,6 +35,8 @@ from kubetune_trainer.telemetry import Exporter
 log = logging.getLogger("kubetune_trainer")
 
 WORKDIR_ENV: Final = "KUBETUNE_TRAINER_WORKDIR"
+# How often a rank waiting for its peers looks whether the job's result was published.
+RESULT_POLL_SECONDS: Final = 5.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -150,15 +154,55 @@ def _execute(run: Run) -> int:
     if run.store.exists(run.layout.adapter_manifest_key(run.config.org, run.config.job_id)):
         run.message(TrainerEventKind.COMPLETED, "The adapter is already stored; nothing to do")
         return exit_codes.SUCCESS
-    if run.topology.distributed:
-        init_process_group(run.config.collective_timeout_seconds, cuda=run.device.cuda)
-    _prepare_workdir(run)
+    with _ends_once_published(run):
+        if run.topology.distributed:
+            log.info("rank %d: joining the job's other ranks", run.topology.rank)
+            init_process_group(run.config.collective_timeout_seconds, cuda=run.device.cuda)
+        _prepare_workdir(run)
     if run.topology.is_main and run.config.metrics_port is not None:
         run.exporter = Exporter(run.config.job_id)
         run.outcome["metrics_port"] = run.exporter.serve(run.config.metrics_port)
     from kubetune_trainer.training import train  # torch-heavy: imported once needed
 
     return train(run)
+
+
+@contextmanager
+def _ends_once_published(run: Run, poll_seconds: float = RESULT_POLL_SECONDS) -> Iterator[None]:
+    """While the body joins the other ranks: end this process with success as soon as the job's
+    result is published.
+
+    A pod restarted just before rank 0 publishes finds no result, then waits to join a rank 0
+    that has finished and will never come back, holding its node (and GPUs) until the
+    collective timeout (found by tests/lifecycle/test_faults.py). Joining blocks inside the
+    process group's C++ rendezvous, which nothing in Python can interrupt, so the watcher ends
+    the process itself. Rank 0 holds the lease and publishes the result, so it never waits for
+    one: the watcher runs on the other ranks only.
+    """
+    if run.topology.is_main or not run.topology.distributed:
+        yield
+        return
+    key = run.layout.adapter_manifest_key(run.config.org, run.config.job_id)
+    joined = threading.Event()
+
+    def watch() -> None:
+        while not joined.wait(poll_seconds):
+            try:
+                published = run.store.exists(key)
+            except ObjectStoreError:
+                continue  # the store is down: the join goes on, look again later
+            if published and not joined.is_set():
+                log.info("the job's result was published while this rank waited for its peers")
+                logging.shutdown()
+                os._exit(exit_codes.SUCCESS)
+
+    watcher = threading.Thread(target=watch, name="result-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        joined.set()
+        watcher.join()
 
 
 def _prepare_workdir(run: Run) -> None:
