@@ -155,11 +155,8 @@ class WriterLease:
         self._start_renewer()
 
     def _may_take(self, record: LeaseRecord) -> bool:
-        return (
-            not record.live(self._clock())
-            or record.slot == self.slot
-            or record.holder == self.holder
-        )
+        # A record of this holder has this slot too: the slot test covers it.
+        return not record.live(self._clock()) or record.slot == self.slot
 
     def _record(self, *, held: bool = True) -> LeaseRecord:
         return LeaseRecord(

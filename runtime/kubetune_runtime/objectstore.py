@@ -477,8 +477,9 @@ class ObjectStore(_ClosedOnExit, abc.ABC):
 
     @abc.abstractmethod
     def put_if(self, key: str, data: bytes, *, expected_tag: str | None) -> str:
-        """Store small ``data`` at ``key`` only if the object there is still the version
-        ``expected_tag`` names (None: only if there is none); returns the new version's tag.
+        """Store a small JSON document ``data`` at ``key`` only if the object there is still
+        the version ``expected_tag`` names (None: only if there is none); returns the new
+        version's tag.
 
         Raises :class:`PreconditionFailed` otherwise, and writes nothing. On S3 the tag is the
         ETag, which names the content: callers that race write distinct bodies (a lease holds
@@ -1184,30 +1185,28 @@ class S3ObjectStore(ObjectStore):
         return None  # a composite checksum of the parts, not comparable with the object's
 
     # Reading ---------------------------------------------------------------------------------
-    def open_stream(self, key: str, *, verify: bool = True) -> ObjectReader:
-        """GetObject now (a missing key raises here); the body is read as it is iterated."""
+    def _get_object(self, key: str) -> Any:
+        """GetObject's response (the body not read yet); ObjectNotFound on 404."""
         validate_key(key)
         from botocore.exceptions import ClientError
 
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return self._client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _is_not_found(exc):
                 raise ObjectNotFound(key) from exc
             raise
-        return _reader(key, response, verify=verify)
+
+    def open_stream(self, key: str, *, verify: bool = True) -> ObjectReader:
+        """GetObject now (a missing key raises here); the body is read as it is iterated."""
+        return _reader(key, self._get_object(key), verify=verify)
 
     def get_versioned(self, key: str) -> VersionedObject | None:
         """GetObject: the body (verified against its sha256) and its ETag."""
-        validate_key(key)
-        from botocore.exceptions import ClientError
-
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _is_not_found(exc):
-                return None
-            raise
+            response = self._get_object(key)
+        except ObjectNotFound:
+            return None
         with _reader(key, response, verify=True) as reader:
             data = b"".join(reader)
         return VersionedObject(data, str(response["ETag"]))
@@ -1220,18 +1219,15 @@ class S3ObjectStore(ObjectStore):
         condition: dict[str, str] = (
             {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
         )
-        digest = _Digest()
-        for _ in digest.feed([data]):
-            pass
         try:
             response = self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=data,
                 ContentType="application/json",
-                Metadata={SHA256_METADATA_KEY: digest.hexdigest()},
+                Metadata={SHA256_METADATA_KEY: hashlib.sha256(data).hexdigest()},
                 ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=digest.b64digest(),
+                ChecksumSHA256=_b64_sha256(data),
                 **condition,  # type: ignore[arg-type]
             )
         except ClientError as exc:
