@@ -111,6 +111,14 @@ class MethodType(StrEnum):
     DPO = "dpo"
 
 
+class LrScheduler(StrEnum):
+    """The learning-rate schedule after warmup, named as transformers names it."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant_with_warmup"
+
+
 class AdapterType(StrEnum):
     """What is trained: a LoRA adapter, a LoRA adapter on a 4-bit base (QLoRA), or all weights."""
 
@@ -242,6 +250,27 @@ class Hyperparameters(CRModel):
         description="Longest example in tokens; longer ones are truncated with a warning "
         "event. Omitted: the base model's context length.",
     )
+    lr_scheduler_type: LrScheduler | None = Field(
+        default=None,
+        description="How the learning rate falls after warmup: linear to 0, cosine to 0, or "
+        "constant_with_warmup. Omitted: linear.",
+    )
+    weight_decay: float | None = Field(
+        default=None, ge=0, le=1, description="AdamW weight decay. Omitted: 0."
+    )
+    max_grad_norm: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Gradients are clipped to this global norm; 0 turns clipping off. "
+        "Omitted: 1.0.",
+    )
+    train_on_inputs: bool | None = Field(
+        default=None,
+        description="supervised only: learn every token of each example (system and user "
+        "turns, prompts, replies with weight 0) instead of the assistant replies alone. "
+        "Omitted: false.",
+    )
 
 
 class Method(CRModel):
@@ -258,9 +287,13 @@ class Method(CRModel):
     )
 
     @model_validator(mode="after")
-    def _beta_only_for_dpo(self) -> Self:
+    def _method_specific(self) -> Self:
         if self.type is not MethodType.DPO and self.hyperparameters.beta is not None:
             raise ValueError("hyperparameters.beta applies only to method type dpo")
+        if self.type is not MethodType.SUPERVISED and self.hyperparameters.train_on_inputs:
+            raise ValueError(
+                "hyperparameters.train_on_inputs applies only to method type supervised"
+            )
         return self
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from kubetune.finetunejob import AdapterType, Hyperparameters, MethodType
+from kubetune.finetunejob import AdapterType, Hyperparameters, LrScheduler, MethodType
 
 TARGET_EPOCHS: Final = 3
 MIN_TARGET_EXAMPLES: Final = 100
@@ -20,6 +20,8 @@ MIN_DEFAULT_EPOCHS: Final = 1
 MAX_DEFAULT_EPOCHS: Final = 25
 DEFAULT_BETA: Final = 0.1
 DEFAULT_WARMUP_RATIO: Final = 0.03
+DEFAULT_WEIGHT_DECAY: Final = 0.0
+DEFAULT_MAX_GRAD_NORM: Final = 1.0
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -54,11 +56,20 @@ def resolve(
             "learning_rate_multiplier": requested.learning_rate_multiplier
             or auto_learning_rate_multiplier(adapter),
             "beta": (requested.beta or DEFAULT_BETA) if method is MethodType.DPO else None,
-            "warmup_ratio": requested.warmup_ratio
-            if requested.warmup_ratio is not None
-            else DEFAULT_WARMUP_RATIO,
+            "warmup_ratio": _given_or(requested.warmup_ratio, DEFAULT_WARMUP_RATIO),
+            "lr_scheduler_type": requested.lr_scheduler_type or LrScheduler.LINEAR,
+            "weight_decay": _given_or(requested.weight_decay, DEFAULT_WEIGHT_DECAY),
+            "max_grad_norm": _given_or(requested.max_grad_norm, DEFAULT_MAX_GRAD_NORM),
+            "train_on_inputs": bool(requested.train_on_inputs)
+            if method is MethodType.SUPERVISED
+            else None,
         }
     )
+
+
+def _given_or(value: float | None, default: float) -> float:
+    """``value`` unless omitted (0 is a value: no decay, no clipping)."""
+    return default if value is None else value
 
 
 def total_steps(n_examples: int, n_epochs: int, batch_size: int) -> int:

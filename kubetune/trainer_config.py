@@ -22,6 +22,7 @@ from kubetune.finetunejob import (
     FileId,
     FineTuneJob,
     Integration,
+    LrScheduler,
     MethodType,
     Resources,
     Strategy,
@@ -103,7 +104,10 @@ class ResolvedHyperparameters(_Config):
     beta: float | None = Field(default=None, gt=0, description="DPO only.")
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    lr_scheduler: LrScheduler = LrScheduler.LINEAR
+    train_on_inputs: bool = Field(
+        default=False, description="SFT: every token is learnt, not only the replies."
+    )
     micro_batch_size: int = Field(
         default=DEFAULT_MICRO_BATCH_SIZE,
         ge=1,
@@ -235,6 +239,9 @@ def build_trainer_config(
     assert hp.batch_size is not None
     assert hp.learning_rate_multiplier is not None
     assert hp.warmup_ratio is not None
+    assert hp.weight_decay is not None
+    assert hp.max_grad_norm is not None
+    assert hp.lr_scheduler_type is not None
     batch_size = _batch_for_world(
         spec.method.hyperparameters.batch_size, hp.batch_size, spec.resources
     )
@@ -266,6 +273,10 @@ def build_trainer_config(
             learning_rate=BASE_LEARNING_RATE * hp.learning_rate_multiplier,
             warmup_ratio=hp.warmup_ratio,
             beta=hp.beta,
+            weight_decay=hp.weight_decay,
+            max_grad_norm=hp.max_grad_norm,
+            lr_scheduler=hp.lr_scheduler_type,
+            train_on_inputs=bool(hp.train_on_inputs),
         ),
         adapter=spec.adapter,
         strategy=spec.strategy,

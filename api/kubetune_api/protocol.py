@@ -171,15 +171,35 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SupervisedHyperparameters(Request):
-    """``FineTuneSupervisedHyperparameters``."""
+class CommonHyperparameters(Request):
+    """OpenAI's hyperparameters of every method, then kubetune's knobs (Together's and
+    transformers' names; send them through ``extra_body`` or as extra keys of the dict).
+    """
 
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
     n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    # kubetune additions; omitted means the default the FineTuneJob spec documents.
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] | None = None
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_grad_norm: Annotated[float, Field(ge=0, le=1000)] | None = None
+    max_seq_length: Annotated[int, Field(ge=16, le=1_048_576)] | None = None
+    save_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None, description="A checkpoint every this many optimizer steps."
+    )
+    save_total_limit: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        default=None, description="The newest checkpoints kept."
+    )
 
 
-class DpoHyperparameters(SupervisedHyperparameters):
+class SupervisedHyperparameters(CommonHyperparameters):
+    """``FineTuneSupervisedHyperparameters``."""
+
+    train_on_inputs: bool | None = None
+
+
+class DpoHyperparameters(CommonHyperparameters):
     """``FineTuneDPOHyperparameters``."""
 
     beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
@@ -337,11 +357,21 @@ class JobError(Wire):
 
 
 class JobHyperparameters(Wire):
-    """Resolved hyperparameters (numbers once the job has been planned)."""
+    """Resolved hyperparameters (numbers once the job has been planned); kubetune's knobs are
+    shown once resolved, or as the request gave them before.
+    """
 
     batch_size: Auto | int | None = "auto"
     learning_rate_multiplier: Auto | float = "auto"
     n_epochs: Auto | int = "auto"
+    lr_scheduler_type: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    warmup_ratio: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    weight_decay: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    max_grad_norm: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    max_seq_length: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    train_on_inputs: bool | None = Field(default=None, exclude_if=lambda v: v is None)
+    save_steps: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    save_total_limit: int | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class DpoJobHyperparameters(JobHyperparameters):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -103,15 +105,28 @@ def method_body(
     batch_size: int | None,
     learning_rate_multiplier: float | None,
     beta: float | None,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """OpenAI's ``method`` object; hyperparameters not given stay "auto" on the server."""
+    """OpenAI's ``method`` object; hyperparameters not given stay "auto" on the server.
+
+    ``extra`` holds ``KEY=VALUE`` pairs for the other hyperparameters (``weight_decay=0.01``,
+    ``lr_scheduler_type=cosine``); a value that parses as JSON is sent as that JSON value.
+    """
     given = {
         "n_epochs": epochs,
         "batch_size": batch_size,
         "learning_rate_multiplier": learning_rate_multiplier,
         "beta": beta if method is Method.DPO else None,
     }
-    hyperparameters = {k: v for k, v in given.items() if v is not None}
+    hyperparameters: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    for pair in extra:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--hyperparameter")
+        try:
+            hyperparameters[key] = json.loads(text)
+        except ValueError:
+            hyperparameters[key] = text  # a bare word: a string (cosine)
     return {"type": method.value, method.value: {"hyperparameters": hyperparameters}}
 
 
@@ -135,6 +150,15 @@ def create(
         float | None, typer.Option(min=0.0, help="Learning-rate multiplier (default: auto).")
     ] = None,
     beta: Annotated[float | None, typer.Option(help="DPO beta (--method dpo only).")] = None,
+    hyperparameter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hyperparameter",
+            "-H",
+            help="Another hyperparameter as KEY=VALUE, repeatable (weight_decay=0.01, "
+            "lr_scheduler_type=cosine, save_steps=20; see docs/compatibility.md).",
+        ),
+    ] = None,
     suffix: Annotated[
         str | None, typer.Option(help="Added to the fine-tuned model's name.")
     ] = None,
@@ -157,6 +181,7 @@ def create(
             batch_size=batch_size,
             learning_rate_multiplier=learning_rate_multiplier,
             beta=beta,
+            extra=hyperparameter or (),
         ),
         suffix=suffix if suffix is not None else openai.omit,
         seed=seed if seed is not None else openai.omit,

@@ -28,6 +28,7 @@ from kubetune.finetunejob import (
     Hyperparameters,
     JobError,
     JobPhase,
+    MethodType,
 )
 from kubetune.lifecycle import ALLOWED_TRANSITIONS, TERMINAL_PHASES, is_terminal, progress_text
 from kubetune.trainer_config import TrainerConfig
@@ -512,6 +513,12 @@ def validated(status: FineTuneJobStatus, config: TrainerConfig, *, now: datetime
                 n_evals=config.n_evals,
                 warmup_ratio=hp.warmup_ratio,
                 max_seq_length=config.max_seq_length,
+                lr_scheduler_type=hp.lr_scheduler,
+                weight_decay=hp.weight_decay,
+                max_grad_norm=hp.max_grad_norm,
+                train_on_inputs=hp.train_on_inputs
+                if config.method is MethodType.SUPERVISED
+                else None,
             ),
             "conditions": set_condition(
                 status.conditions,

@@ -78,6 +78,47 @@ def test_method_dpo_and_extra_body(api):
     assert extra["strategy"] == "fsdp"
 
 
+def _supervised(**hyperparameters):
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+
+
+def test_the_training_knobs_are_taken_and_shown(api, training_file):
+    knobs = {
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.01,
+        "max_grad_norm": 0.5,
+        "max_seq_length": 128,
+        "train_on_inputs": True,
+        "save_steps": 5,
+        "save_total_limit": 2,
+    }
+    client = api.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training_file,
+        method=_supervised(n_epochs=2, **knobs),
+    )
+    shown = client.fine_tuning.jobs.retrieve(job.id).method.supervised.hyperparameters
+    assert shown.n_epochs == 2
+    assert shown.model_extra == knobs
+    spec = backend_of(api).get("acme", job.id).spec
+    assert (spec.checkpointing.every_steps, spec.checkpointing.keep) == (5, 2)
+    hp = spec.method.hyperparameters
+    assert (hp.lr_scheduler_type, hp.weight_decay, hp.train_on_inputs) == ("cosine", 0.01, True)
+    # Omitted knobs are resolved at create, like OpenAI's "auto", and shown as numbers.
+    plain = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
+    assert plain.method.supervised.hyperparameters.model_extra == {
+        "lr_scheduler_type": "linear",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "train_on_inputs": False,
+        "save_steps": 50,
+        "save_total_limit": 3,
+    }
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
@@ -86,6 +127,18 @@ def test_method_dpo_and_extra_body(api):
         ({"suffix": "x" * 65}, "suffix"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"extra_body": {"adapter": {"r": 12}}}, "adapter.r"),
+        (
+            {"method": _supervised(weight_decay=2)},
+            "method.supervised.hyperparameters.weight_decay",
+        ),
+        (
+            {"method": _supervised(lr_scheduler_type="step")},
+            "method.supervised.hyperparameters.lr_scheduler_type",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"train_on_inputs": True}}}},
+            "method.dpo.hyperparameters.train_on_inputs",
+        ),
         # vLLM serves no LoRA weights on the embeddings or the head: refused before training.
         ({"extra_body": {"adapter": {"target_modules": ["lm_head"]}}}, "adapter.target_modules"),
     ],

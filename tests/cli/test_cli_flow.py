@@ -66,10 +66,22 @@ def test_upload_create_watch_succeeds_then_model_is_listed(cli_api, training_pat
 
     created = run_json(
         [*g, "jobs", "create", "--model", "tiny-llama", "--training-file", file_id,
-         "--epochs", "2", "--suffix", "cli"]
+         "--epochs", "2", "--suffix", "cli",
+         "-H", "lr_scheduler_type=cosine", "--hyperparameter", "weight_decay=0.01"]
     )  # fmt: skip
     job_id = created["id"]
-    assert created["method"]["supervised"]["hyperparameters"]["n_epochs"] == 2
+    shown = created["method"]["supervised"]["hyperparameters"]
+    assert (shown["n_epochs"], shown["lr_scheduler_type"], shown["weight_decay"]) == (
+        2,
+        "cosine",
+        0.01,
+    )
+    bad = run_cli(
+        [*g, "jobs", "create", "--model", "tiny-llama", "--training-file", file_id,
+         "-H", "weight_decay=7"]
+    )  # fmt: skip
+    assert bad.exit_code == ExitCode.API_ERROR
+    assert "method.supervised.hyperparameters.weight_decay" in bad.stderr
 
     watcher = CliProcess([*g, "jobs", "watch", job_id, "--interval", "0.1"])
     # The first poll shows the tail of the events the API wrote at creation.

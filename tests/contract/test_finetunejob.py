@@ -65,6 +65,13 @@ def test_auto_means_resolve_later(alias, attribute):
         ({"method": {"type": "rlhf"}}, "method.type"),
         ({"method": {"hyperparameters": {"nEpochs": -1}}}, "nEpochs"),
         ({"method": {"hyperparameters": {"beta": 0.1}}}, "beta applies only to method type dpo"),
+        (
+            {"method": {"type": "dpo", "hyperparameters": {"trainOnInputs": True}}},
+            "train_on_inputs applies only to method type supervised",
+        ),
+        ({"method": {"hyperparameters": {"lrSchedulerType": "step"}}}, "lrSchedulerType"),
+        ({"method": {"hyperparameters": {"weightDecay": 1.5}}}, "weightDecay"),
+        ({"method": {"hyperparameters": {"maxGradNorm": -1}}}, "maxGradNorm"),
         ({"adapter": {"r": 12}}, "adapter.r"),
         ({"adapter": {"type": "qlora"}, "resources": {"gpusPerNode": 0}}, "qlora needs"),
         ({"suffix": "a:b"}, "suffix"),

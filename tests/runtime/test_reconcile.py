@@ -30,6 +30,7 @@ from kubetune_runtime.reconcile import (
     status_patch,
     transition_path,
     user_error,
+    validated,
 )
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -357,3 +358,26 @@ def test_status_patch_sends_changes_and_nulls_for_removed_fields():
         "checkpoints": [],
         "servedOn": [],
     }
+
+
+def test_a_validated_job_shows_every_resolved_hyperparameter():
+    from kubetune.finetunejob import FineTuneJob, ObjectMeta
+    from kubetune.ids import new_job_id
+    from kubetune.settings import BaseModelEntry, Settings
+    from kubetune.trainer_config import build_trainer_config
+
+    job = FineTuneJob(
+        metadata=ObjectMeta(name=new_job_id()),
+        spec={
+            "model": "llama",
+            "trainingFile": "file-" + "0" * 23,
+            "method": {"hyperparameters": {"lrSchedulerType": "cosine", "maxGradNorm": 0}},
+        },
+    )
+    settings = Settings(models=[BaseModelEntry(id="llama", context_length=64, path="/m")])
+    config = build_trainer_config(job, settings, n_train_examples=10)
+    planned = validated(status(JobPhase.VALIDATING_FILES), config, now=NOW).status
+    hp = planned.hyperparameters
+    assert hp is not None
+    assert (hp.n_epochs, hp.lr_scheduler_type, hp.max_grad_norm) == (10, "cosine", 0.0)
+    assert (hp.weight_decay, hp.train_on_inputs, hp.max_seq_length) == (0.0, False, 64)

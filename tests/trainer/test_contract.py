@@ -64,6 +64,44 @@ def test_config_resolves_auto_and_round_trips() -> None:
     assert TrainerConfig.model_validate_json(config.model_dump_json()) == config
 
 
+def test_the_training_knobs_reach_the_trainer_config_and_default_when_omitted() -> None:
+    knobs = {
+        "lrSchedulerType": "cosine",
+        "weightDecay": 0.01,
+        "maxGradNorm": 0,  # 0 is a value (clipping off), not "omitted"
+        "warmupRatio": 0,
+        "trainOnInputs": True,
+        "maxSeqLength": 512,
+    }
+    job = _job(method={"hyperparameters": knobs}, checkpointing={"everySteps": 7, "keep": 2})
+    hp = build_trainer_config(job, _settings(), n_train_examples=100).hyperparameters
+    assert (hp.lr_scheduler, hp.weight_decay, hp.max_grad_norm) == ("cosine", 0.01, 0.0)
+    assert (hp.warmup_ratio, hp.train_on_inputs) == (0.0, True)
+    config = build_trainer_config(job, _settings(), n_train_examples=100)
+    assert config.max_seq_length == 512
+    assert (config.checkpointing.every_steps, config.checkpointing.keep) == (7, 2)
+    defaults = build_trainer_config(_job(), _settings(), n_train_examples=100).hyperparameters
+    assert (defaults.lr_scheduler, defaults.weight_decay, defaults.max_grad_norm) == (
+        "linear",
+        0.0,
+        1.0,
+    )
+    assert defaults.train_on_inputs is False
+
+
+def test_the_knobs_become_the_trainers_arguments(tmp_path: Path) -> None:
+    from kubetune_trainer.methods import Hardware, common_args
+
+    job = _job(
+        method={"hyperparameters": {"lrSchedulerType": "cosine", "weightDecay": 0.1}},
+        checkpointing={"everySteps": 7},
+    )
+    config = build_trainer_config(job, _settings(), n_train_examples=100)
+    args = common_args(config, tmp_path, Hardware())  # one process on the CPU
+    assert (args["lr_scheduler_type"], args["weight_decay"]) == ("cosine", 0.1)
+    assert (args["max_grad_norm"], args["save_steps"]) == (1.0, 7)
+
+
 def test_config_refuses_what_the_trainer_cannot_run() -> None:
     with pytest.raises(ValueError, match="not in the catalogue"):
         build_trainer_config(_job(model="other"), _settings(), n_train_examples=10)

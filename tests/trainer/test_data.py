@@ -132,6 +132,17 @@ def test_long_examples_are_truncated_and_reported(tokenizer: Any) -> None:
     assert "1 left nothing to learn" in warning
 
 
+def test_train_on_inputs_learns_every_token_not_only_the_replies(tokenizer: Any) -> None:
+    loaded = load_file(jsonl([CONVERSATION]), "file-x", MethodType.SUPERVISED, param="t")
+    renderer = ChatRenderer(tokenizer, max_len=512)
+    replies, _ = tokenize_supervised(loaded, renderer)
+    everything, _ = tokenize_supervised(loaded, renderer, train_on_inputs=True)
+    assert everything["input_ids"] == replies["input_ids"]
+    assert everything["labels"] == everything["input_ids"]
+    masked = [label for label in replies["labels"][0] if label == IGNORE_INDEX]
+    assert masked, "the default learns only the replies: the prompt is masked"
+
+
 def test_bad_line_is_a_user_error_naming_the_line() -> None:
     rows = [CONVERSATION, CONVERSATION, {"messages": [{"role": "wizard", "content": "x"}]}]
     with pytest.raises(UserError) as caught:

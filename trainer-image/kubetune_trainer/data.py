@@ -273,9 +273,11 @@ class ChatRenderer:
 
 
 def tokenize_supervised(
-    loaded: LoadedFile, renderer: ChatRenderer
+    loaded: LoadedFile, renderer: ChatRenderer, *, train_on_inputs: bool = False
 ) -> tuple[dict[str, list[list[int]]], PrepareStats]:
-    """Columns ``input_ids`` and ``labels`` for SFT, truncated to the renderer's max length."""
+    """Columns ``input_ids`` and ``labels`` for SFT, truncated to the renderer's max length;
+    with ``train_on_inputs`` every token is a label, not only the trained replies.
+    """
     stats = PrepareStats()
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for example, line in zip(loaded.examples, loaded.lines, strict=True):
@@ -288,6 +290,8 @@ def tokenize_supervised(
             raise UserError(
                 f"line {line}: not a supervised example", code="wrong_format", param="method"
             )
+        if train_on_inputs:
+            tokens = Tokenized(tokens.input_ids, list(tokens.input_ids))
         if len(tokens.input_ids) > renderer.max_len:
             stats.truncated_lines.append(line)
             tokens = Tokenized(

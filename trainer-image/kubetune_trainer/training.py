@@ -59,7 +59,9 @@ def _dataset(run: Run, loaded: LoadedFile, tokenizer: PreTrainedTokenizerBase) -
     if run.is_dpo():
         return Dataset.from_dict(preference_rows(loaded))
     renderer = ChatRenderer(tokenizer, run.config.max_seq_length)
-    columns, stats = tokenize_supervised(loaded, renderer)
+    columns, stats = tokenize_supervised(
+        loaded, renderer, train_on_inputs=run.config.hyperparameters.train_on_inputs
+    )
     warning = stats.warning(loaded.file_id, run.config.max_seq_length)
     if warning:
         run.warn(warning, file_id=loaded.file_id, lines=stats.truncated_lines[:20])

@@ -241,6 +241,10 @@ class JobService:
                 hyper = block.hyperparameters.model_dump()
         if req.n_evals is not None:
             hyper["n_evals"] = req.n_evals
+        checkpointing = {
+            "every_steps": hyper.pop("save_steps", None),
+            "keep": hyper.pop("save_total_limit", None),
+        }
         raw: dict[str, Any] = {
             "org": principal.org,
             "model": req.model,
@@ -260,6 +264,8 @@ class JobService:
             raw["strategy"] = req.strategy
         if req.queue is not None:
             raw["queue"] = req.queue
+        if any(v is not None for v in checkpointing.values()):
+            raw["checkpointing"] = {k: v for k, v in checkpointing.items() if v is not None}
         try:
             return FineTuneJobSpec.model_validate({k: v for k, v in raw.items() if v is not None})
         except ValidationError as exc:

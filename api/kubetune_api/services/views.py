@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.finetunejob import FineTuneJob, JobPhase, MethodType
+from kubetune.finetunejob import (
+    FineTuneJob,
+    FineTuneJobSpec,
+    Hyperparameters,
+    JobPhase,
+    MethodType,
+)
 from kubetune.ids import default_seed, id_timestamp, results_file_id
 from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune_api.protocol import (
@@ -46,6 +52,19 @@ def _created_at(job: FineTuneJob) -> int:
     return int(id_timestamp(job.metadata.name))
 
 
+def _knobs(spec: FineTuneJobSpec, hp: Hyperparameters) -> dict[str, Any]:
+    """The hyperparameters beyond OpenAI's, as resolved (or as asked, before that)."""
+    return {
+        "lr_scheduler_type": hp.lr_scheduler_type.value if hp.lr_scheduler_type else None,
+        "warmup_ratio": hp.warmup_ratio,
+        "weight_decay": hp.weight_decay,
+        "max_grad_norm": hp.max_grad_norm,
+        "max_seq_length": hp.max_seq_length,
+        "save_steps": spec.checkpointing.every_steps,
+        "save_total_limit": spec.checkpointing.keep,
+    }
+
+
 def job_to_openai(job: FineTuneJob) -> FineTuningJob:
     """The ``fine_tuning.job`` object of a FineTuneJob."""
     spec, status = job.spec, job.status
@@ -57,13 +76,18 @@ def job_to_openai(job: FineTuneJob) -> FineTuningJob:
         "learning_rate_multiplier": hp.learning_rate_multiplier or "auto",
         "n_epochs": hp.n_epochs or "auto",
     }
+    knobs = _knobs(spec, hp)
     if spec.method.type is MethodType.DPO:
-        dpo_hp = DpoJobHyperparameters(**common, beta=hp.beta or "auto")
+        dpo_hp = DpoJobHyperparameters(**common, **knobs, beta=hp.beta or "auto")
         method = MethodOut(type="dpo", dpo=DpoMethodOut(hyperparameters=dpo_hp))
     else:
         method = MethodOut(
             type="supervised",
-            supervised=SupervisedMethodOut(hyperparameters=JobHyperparameters(**common)),
+            supervised=SupervisedMethodOut(
+                hyperparameters=JobHyperparameters(
+                    **common, **knobs, train_on_inputs=hp.train_on_inputs
+                )
+            ),
         )
     phase = status.phase if status else None
     error = (
