@@ -195,6 +195,8 @@ class ErrorKind(StrEnum):
 # ---------------------------------------------------------------------------------------------
 
 FileId = Annotated[str, StringConstraints(pattern=ID_PATTERNS[IdKind.FILE])]
+SourceJobId = Annotated[str, StringConstraints(pattern=ID_PATTERNS[IdKind.JOB])]
+CHECKPOINT_MODEL_MARK: Final = ":ckpt-step-"
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
@@ -399,6 +401,33 @@ class Checkpointing(CRModel):
     keep: int = Field(default=3, ge=1, le=100, description="Newest checkpoints kept in storage.")
 
 
+class ContinueFrom(CRModel):
+    """The adapter a job continues to train: the result of an earlier job of the same org, or
+    one of its checkpoints.
+    """
+
+    job: SourceJobId = Field(description="The job (ftjob-…) whose adapter is the start.")
+    step: int | None = Field(
+        default=None,
+        ge=1,
+        description="A checkpoint's step (its model is <ft model>:ckpt-step-<step>); omitted: "
+        "the job's final adapter.",
+    )
+
+
+def split_checkpoint_model(model: str) -> tuple[str, int | None]:
+    """``ft:…:ckpt-step-N`` → (``ft:…``, N); any other name → (name, None)."""
+    head, mark, step = model.rpartition(CHECKPOINT_MODEL_MARK)
+    if mark and step.isdigit() and int(step) > 0:
+        return head, int(step)
+    return model, None
+
+
+def base_of(model: str) -> str:
+    """The catalogue base model under ``model`` (``ft:<base>:…`` names it second)."""
+    return model.split(":")[1] if model.startswith("ft:") else model
+
+
 class Serving(CRModel):
     """What happens to the trained adapter."""
 
@@ -427,6 +456,11 @@ class FineTuneJobSpec(CRModel):
     training_file: FileId = Field(description="Id of an uploaded JSONL file (file-…).")
     validation_file: FileId | None = Field(
         default=None, description="Id of an uploaded JSONL file used for evaluation."
+    )
+    continue_from: ContinueFrom | None = Field(
+        default=None,
+        description="With an ft: model: the job (and checkpoint) whose adapter training "
+        "starts from. The API fills it in from the model's name.",
     )
     method: Method = Field(default_factory=Method, description="Method and hyperparameters.")
     adapter: Adapter = Field(default_factory=Adapter, description="What is trained.")
@@ -467,6 +501,23 @@ class FineTuneJobSpec(CRModel):
         description="true pauses the job after a checkpoint; false resumes it from there.",
     )
     cancel: bool = Field(default=False, description="true cancels the job; it cannot be undone.")
+
+    @property
+    def base_model(self) -> str:
+        """The catalogue model the job trains on (an ft: model's base)."""
+        return base_of(self.model)
+
+    @model_validator(mode="after")
+    def _continued_from_an_adapter(self) -> Self:
+        if self.model.startswith("ft:") and self.continue_from is None:
+            raise ValueError(
+                "an ft: model needs continueFrom.job, the job that produced it (the API sets it)"
+            )
+        if self.continue_from is not None and not self.model.startswith("ft:"):
+            raise ValueError("continueFrom needs model to be the ft: model it names")
+        if self.continue_from is not None and self.adapter.type is AdapterType.FULL:
+            raise ValueError("continuing from an adapter trains an adapter: not type full")
+        return self
 
     @model_validator(mode="after")
     def _qlora_needs_gpus(self) -> Self:
@@ -624,5 +675,4 @@ def fine_tuned_model_name(base_model: str, org: str, suffix: str | None, job_id:
 
     A job that continues from an ``ft:`` model names its result after the original base model.
     """
-    base = base_model.split(":")[1] if base_model.startswith("ft:") else base_model
-    return f"ft:{base}:{org}:{suffix or ''}:{short_id(job_id)}"
+    return f"ft:{base_of(base_model)}:{org}:{suffix or ''}:{short_id(job_id)}"

@@ -21,6 +21,7 @@ from kubetune.finetunejob import (
     Checkpointing,
     FileId,
     FineTuneJob,
+    FineTuneJobSpec,
     Integration,
     LrScheduler,
     MethodType,
@@ -129,6 +130,11 @@ class TrainerConfig(_Config):
     object_store: ObjectStoreSettings
     method: MethodType = MethodType.SUPERVISED
     hyperparameters: ResolvedHyperparameters
+    initial_adapter_prefix: str | None = Field(
+        default=None,
+        description="Store folder of the adapter training starts from (a continued job): "
+        "its weights are loaded, not initialised, and its configuration is the adapter's.",
+    )
     adapter: Adapter = Field(default_factory=Adapter)
     strategy: Strategy = Strategy.DDP
     resources: Resources = Field(default_factory=Resources)
@@ -212,13 +218,7 @@ def build_trainer_config(
     its weights are, or an explicit batch size cannot be shared by the job's processes.
     """
     spec = job.spec
-    if spec.model.startswith("ft:"):
-        # Continuing from a fine-tuned adapter needs its weights as the starting point, which
-        # the trainer does not load yet; failing here is better than silently starting afresh.
-        raise ConfigError(
-            "continuing from an ft: model is not supported by the trainer yet", param="model"
-        )
-    base_name = spec.model
+    base_name = spec.base_model
     entry = next((m for m in settings.models if m.id == base_name), None)
     if entry is None:
         raise ConfigError(f"model {base_name!r} is not in the catalogue", param="model")
@@ -278,6 +278,7 @@ def build_trainer_config(
             lr_scheduler=hp.lr_scheduler_type,
             train_on_inputs=bool(hp.train_on_inputs),
         ),
+        initial_adapter_prefix=_initial_adapter_prefix(spec, settings),
         adapter=spec.adapter,
         strategy=spec.strategy,
         resources=spec.resources,
@@ -290,6 +291,19 @@ def build_trainer_config(
         total_steps=total_steps(n_train_examples, hp.n_epochs, batch_size),
         image=image,
     )
+
+
+def _initial_adapter_prefix(spec: FineTuneJobSpec, settings: Settings) -> str | None:
+    """Where the adapter a continued job starts from is stored (in the job's own org: the
+    layout's keys are per org, so no spec can name another tenant's weights).
+    """
+    source = spec.continue_from
+    if source is None:
+        return None
+    layout = settings.object_store.layout()
+    if source.step is None:
+        return layout.adapter_prefix(spec.org, source.job)
+    return layout.checkpoint_prefix(spec.org, source.job, source.step)
 
 
 def tracking_uri_error(integrations: list[Integration], settings: Settings) -> ConfigError | None:

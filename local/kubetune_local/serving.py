@@ -73,7 +73,7 @@ class LocalServing:
         a refusal or an unavailable vLLM is recorded (the job still succeeds).
         """
         ref = adapter_ref(job)
-        replica = self.replicas.get(job.spec.model)
+        replica = self.replicas.get(job.spec.base_model)
         if ref is None or replica is None:
             return
         try:
@@ -89,7 +89,7 @@ class LocalServing:
     def where(self, job: FineTuneJob) -> AdapterServing:
         """Where the job's model stands on its base model's vLLM."""
         model = job.status.fine_tuned_model if job.status else None
-        return self.state.of(model or "", job.spec.model)
+        return self.state.of(model or "", job.spec.base_model)
 
     def sync(self, jobs: Iterable[FineTuneJob]) -> bool:
         """Push each vLLM the adapters of succeeded, undeleted jobs when its tracker says so

@@ -61,7 +61,7 @@ class ClusterServing:
     def where(self, job: FineTuneJob) -> AdapterServing:
         """Where the job's model stands on the replicas of its base model."""
         model = job.status.fine_tuned_model if job.status else None
-        return self.state.of(model or "", job.spec.model)
+        return self.state.of(model or "", job.spec.base_model)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def adapter_ref(job: FineTuneJob) -> AdapterRef | None:
         name=status.fine_tuned_model,
         org=job.spec.org,
         job_id=job.metadata.name,
-        base_model=job.spec.model,
+        base_model=job.spec.base_model,
     )
 
 

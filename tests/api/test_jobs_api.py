@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+from typing import Any
 
 import openai
 import pytest
@@ -362,13 +363,6 @@ def test_checkpoints_results_file_and_models(api, training_file):
     assert "tiny-llama" in [m.id for m in models.parse().data]
     assert client.models.retrieve(model_name).owned_by == "acme"
 
-    # Continuing from it is refused at create (the trainer cannot yet), naming its base.
-    with pytest.raises(openai.BadRequestError) as excinfo:
-        client.fine_tuning.jobs.create(model=model_name, training_file=training_file)
-    error = error_of(excinfo)
-    assert (error["code"], error["param"]) == ("model_not_supported", "model")
-    assert "fine-tune its base model tiny-llama instead" in error["message"]
-    assert not [j for j in client.fine_tuning.jobs.list() if j.model == model_name]
     # Another org can neither see nor delete it.
     with pytest.raises(openai.NotFoundError):
         api.client("globex").models.retrieve(model_name)
@@ -378,6 +372,13 @@ def test_checkpoints_results_file_and_models(api, training_file):
         client.models.delete("tiny-llama")
     deleted = client.models.with_raw_response.delete(model_name)
     validate("DeleteModelResponse", deleted.http_response.json())
+    # A deleted model cannot be continued either.
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=model_name, training_file=training_file)
+    assert (error_of(excinfo)["code"], error_of(excinfo)["param"]) == (
+        "model_not_available",
+        "model",
+    )
     assert model_name not in [m.id for m in client.models.list().data]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve(model_name)
@@ -385,6 +386,75 @@ def test_checkpoints_results_file_and_models(api, training_file):
         backend_of(api).get("acme", job.id).metadata.annotations["kubetune.io/model-deleted"]
         == "true"
     )
+
+
+def _succeed_with_checkpoints(api, job_id, model_name, steps):
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    checkpoints = [CheckpointRef(id=new_checkpoint_id(), step=s, created_at=now) for s in steps]
+    play_operator(
+        api,
+        job_id,
+        phase="succeeded",
+        step=steps[-1],
+        totalSteps=steps[-1],
+        fineTunedModel=model_name,
+        finishedAt=now.isoformat(),
+        checkpoints=[c.model_dump(mode="json", by_alias=True) for c in checkpoints],
+    )
+
+
+def test_an_ft_model_or_its_checkpoint_is_continued(api, training_file):
+    client = api.client()
+    source = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training_file,
+        suffix="first",
+        extra_body={"adapter": {"r": 8, "alpha": 16}},
+    )
+    model_name = f"ft:tiny-llama:acme:first:{source.id[-8:]}"
+    _succeed_with_checkpoints(api, source.id, model_name, [5, 10])
+
+    continued = client.fine_tuning.jobs.create(
+        model=model_name, training_file=training_file, suffix="second"
+    )
+    assert continued.model == model_name  # what was asked, as OpenAI shows it
+    assert continued.model_extra["adapter"]["r"] == 8  # the source's adapter, continued
+    spec = backend_of(api).get("acme", continued.id).spec
+    assert (spec.continue_from.job, spec.continue_from.step) == (source.id, None)
+    assert spec.base_model == "tiny-llama"
+    from_checkpoint = client.fine_tuning.jobs.create(
+        model=f"{model_name}:ckpt-step-5", training_file=training_file
+    )
+    spec = backend_of(api).get("acme", from_checkpoint.id).spec
+    assert (spec.continue_from.job, spec.continue_from.step) == (source.id, 5)
+
+    refused: list[tuple[Any, dict[str, Any], str | None]] = [
+        # A checkpoint the job did not keep.
+        (client, {"model": f"{model_name}:ckpt-step-7"}, "model_not_available"),
+        # Another org's model does not exist for this one.
+        (api.client("globex"), {"model": model_name}, "model_not_available"),
+        # The adapter is the source's: another shape would not be the same adapter.
+        (client, {"model": model_name, "extra_body": {"adapter": {"r": 16}}}, None),
+    ]
+    for caller, kwargs, code in refused:
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            caller.fine_tuning.jobs.create(training_file=training_file, **kwargs)
+        error = error_of(excinfo)
+        assert error["param"] == ("adapter" if code is None else "model")
+        if code is not None:
+            assert error["code"] == code
+    # The refusal of a checkpoint not kept names those that are.
+    assert f"{model_name}:ckpt-step-5, {model_name}:ckpt-step-10" in error_message(
+        lambda: client.fine_tuning.jobs.create(
+            model=f"{model_name}:ckpt-step-7", training_file=training_file
+        )
+    )
+
+
+def error_message(call):
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        call()
+    return error_of(excinfo)["message"]
 
 
 def test_async_client(api, training_file):

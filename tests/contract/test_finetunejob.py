@@ -13,6 +13,7 @@ from kubetune.finetunejob import (
     MethodType,
     fine_tuned_model_name,
 )
+from kubetune.ids import new_job_id
 from tests.harness.paths import REPO_ROOT
 
 FILE_ID = "file-0mhx5k2ab00000000000001"
@@ -59,6 +60,9 @@ def test_auto_means_resolve_later(alias, attribute):
     assert hp.to_wire() == {}
 
 
+SOURCE_JOB = new_job_id()
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
@@ -71,6 +75,20 @@ def test_auto_means_resolve_later(alias, attribute):
         ),
         ({"method": {"hyperparameters": {"lrSchedulerType": "step"}}}, "lrSchedulerType"),
         ({"method": {"hyperparameters": {"weightDecay": 1.5}}}, "weightDecay"),
+        ({"model": "ft:tiny:default::abcdefgh"}, "needs continueFrom.job"),
+        ({"continueFrom": {"job": SOURCE_JOB}}, "continueFrom needs model"),
+        (
+            {
+                "model": "ft:tiny:default::abcdefgh",
+                "continueFrom": {"job": SOURCE_JOB},
+                "adapter": {"type": "full"},
+            },
+            "not type full",
+        ),
+        (
+            {"model": "ft:tiny:default::x", "continueFrom": {"job": "ftjob-../x"}},
+            "continueFrom.job",
+        ),
         ({"method": {"hyperparameters": {"maxGradNorm": -1}}}, "maxGradNorm"),
         ({"adapter": {"r": 12}}, "adapter.r"),
         ({"adapter": {"type": "qlora"}, "resources": {"gpusPerNode": 0}}, "qlora needs"),

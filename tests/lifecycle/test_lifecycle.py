@@ -316,3 +316,29 @@ def test_a_preempted_trainer_restarts_and_resumes_exactly_from_its_checkpoint(
     manifest = deployment.store.get_json(deployment.layout.adapter_manifest_key(ORG, name))
     assert manifest["step"] == PLANNED_STEPS
     assert re.fullmatch(r"ft:tiny-llama:default::\w+", status.fine_tuned_model or "")
+
+
+def train_losses(deployment: Deployment, name: str) -> list[float]:
+    """The training loss of each step, in order."""
+    return [
+        float(e.data["train_loss"])
+        for e in deployment.job_events(name)
+        if e.type is EventType.METRICS and "train_loss" in e.data
+    ]
+
+
+def test_a_job_continues_training_from_a_fine_tuned_model(deployment: Deployment) -> None:
+    first = deployment.submit()
+    model = deployment.wait_phase(first, JobPhase.SUCCEEDED).fine_tuned_model
+    assert model is not None
+    second = deployment.submit(model=model, continueFrom={"job": first})
+    status = deployment.wait_phase(second, JobPhase.SUCCEEDED)
+
+    # The second job started where the first ended, not from a fresh adapter.
+    before, after = train_losses(deployment, first), train_losses(deployment, second)
+    assert after[0] < before[0] - 0.5 * (before[0] - before[-1])
+    # Its model is named after the base, like any other, and its adapter is a new one.
+    assert re.fullmatch(r"ft:tiny-llama:default::\w+", status.fine_tuned_model or "")
+    assert status.fine_tuned_model != model
+    manifest = deployment.store.get_json(deployment.layout.adapter_manifest_key(ORG, second))
+    assert manifest["step"] == PLANNED_STEPS

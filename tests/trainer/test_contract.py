@@ -107,8 +107,24 @@ def test_config_refuses_what_the_trainer_cannot_run() -> None:
         build_trainer_config(_job(model="other"), _settings(), n_train_examples=10)
     with pytest.raises(ValueError, match="where the weights"):
         build_trainer_config(_job(), _settings(path=None), n_train_examples=10)
-    with pytest.raises(ValueError, match="ft:"):
+    with pytest.raises(ValueError, match="continueFrom"):
         build_trainer_config(_job(model="ft:llama:default::abc"), _settings(), n_train_examples=10)
+
+
+def test_a_continued_job_starts_from_its_sources_adapter_or_checkpoint() -> None:
+    source = new_job_id()
+    layout = _settings().object_store.layout()
+    for step, prefix in [
+        (None, layout.adapter_prefix("default", source)),
+        (20, layout.checkpoint_prefix("default", source, 20)),
+    ]:
+        job = _job(model="ft:llama:default::abc", continueFrom={"job": source, "step": step})
+        config = build_trainer_config(job, _settings(), n_train_examples=10)
+        assert config.initial_adapter_prefix == prefix
+        assert config.base_model.name == "llama"
+        assert config.fine_tuned_model.startswith("ft:llama:default::")
+    plain = build_trainer_config(_job(), _settings(), n_train_examples=10)
+    assert plain.initial_adapter_prefix is None
 
 
 def test_model_location() -> None:

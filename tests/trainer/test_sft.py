@@ -146,3 +146,33 @@ def test_finished_job_is_not_trained_again(sft_job: tuple[Job, LocalObjectStore]
     assert job.run() == 0
     new = job.events()[n_before:]
     assert [event_kind(e) for e in new] == [TrainerEventKind.COMPLETED]
+
+
+@pytest.mark.parametrize("start", ["final adapter", "checkpoint at step 20"])
+def test_a_continued_job_starts_from_the_adapters_weights(
+    sft_job: tuple[Job, LocalObjectStore], tiny_model: Path, tmp_path: Path, start: str
+) -> None:
+    job, store = sft_job
+    first = job.step_losses()
+    source = job.config.job_id
+    if start == "final adapter":
+        prefix, reached = job.layout.adapter_prefix(ORG, source), first[30]
+    else:
+        prefix, reached = job.layout.checkpoint_prefix(ORG, source, 20), first[20]
+    continued = make_job(
+        store,
+        ObjectStoreSettings(local_root=store.root),
+        tiny_model,
+        tmp_path / "continued",
+        jsonl(sft_examples(40)),
+        hyperparameters={"n_epochs": 1, "learning_rate": 1e-2},
+        total_steps=10,
+        initial_adapter_prefix=prefix,
+    )
+    assert continued.run() == 0, (continued.workdir / "log-0.txt").read_text()[-3000:]
+    losses = continued.step_losses()
+    # Where the first job got to, not where a fresh adapter starts.
+    assert losses[1] < first[1] - 1.0
+    assert abs(losses[1] - reached) < 0.5
+    manifest = store.get_json(continued.layout.adapter_manifest_key(ORG, continued.config.job_id))
+    assert manifest["step"] == 10

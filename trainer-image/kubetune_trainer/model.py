@@ -14,14 +14,14 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from kubetune.finetunejob import AdapterType
 from kubetune.trainer_config import TrainerConfig
-from kubetune_runtime.objectstore import ObjectStore
+from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 from kubetune_trainer.device import Device, weights_dtype
 from kubetune_trainer.dist import Topology, local_main_first
 from kubetune_trainer.errors import UserError
@@ -147,6 +147,36 @@ def load_model(folder: Path, config: TrainerConfig, device: Device) -> Any:
             code="model_not_available",
             param="model",
         ) from exc
+
+
+ADAPTER_FILES: Final = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def fetch_initial_adapter(store: ObjectStore, prefix: str, dest: Path) -> Path:
+    """Download the adapter a continued job starts from (its weights and configuration only,
+    not a checkpoint's optimizer state) into ``dest``.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        try:
+            (dest / name).write_bytes(store.get_bytes(prefix + name))
+        except ObjectNotFound as exc:
+            raise UserError(
+                f"The adapter to continue from is no longer stored ({prefix}{name} is "
+                "missing): its job or checkpoint was deleted",
+                code="model_not_available",
+                param="model",
+            ) from exc
+    return dest
+
+
+def with_initial_adapter(model: Any, folder: Path) -> Any:
+    """The base ``model`` with the adapter in ``folder`` on it, trainable: training goes on
+    from its weights (and its rank, alpha and target modules) instead of a fresh LoRA.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
 
 
 def lora_config(config: TrainerConfig) -> LoraConfig | None:

@@ -26,6 +26,7 @@ from kubetune_trainer.data import (
     preference_rows,
     tokenize_supervised,
 )
+from kubetune_trainer.dist import local_main_first
 from kubetune_trainer.errors import UserError
 from kubetune_trainer.manifest import manifest, run_manifest
 from kubetune_trainer.methods import (
@@ -38,10 +39,12 @@ from kubetune_trainer.methods import (
 )
 from kubetune_trainer.model import (
     fetch_base_model,
+    fetch_initial_adapter,
     finalize_adapter_config,
     load_model,
     load_tokenizer,
     lora_config,
+    with_initial_adapter,
 )
 from kubetune_trainer.results import Results
 from kubetune_trainer.run import Run
@@ -149,11 +152,21 @@ def _build_trainer(
         "eval_dataset": datasets[1],
         "processing_class": tokenizer,
         "callbacks": [callback],
-        "peft_config": lora_config(run.config),
+        # A continued job's model carries its adapter already: none is added on top.
+        "peft_config": None if run.config.initial_adapter_prefix else lora_config(run.config),
     }
     if run.is_dpo():
         return KubetuneDPOTrainer(**common)
     return KubetuneSFTTrainer(**common)
+
+
+def _initial_adapter(run: Run, prefix: str) -> Path:
+    """The continued adapter's files on this node, downloaded by its first process."""
+    dest = run.workdir / "initial-adapter"
+    with local_main_first(run.topology):
+        if run.topology.is_local_main:
+            fetch_initial_adapter(run.store, prefix, dest)
+    return dest
 
 
 def _evaluate(trainer: Trainer, callback: KubetuneCallback) -> dict[str, float]:
@@ -183,6 +196,8 @@ def train(run: Run) -> int:
     resume_from, results, base_eval = _resume_state(run, point)
     args = training_args(run, folder)
     model = load_model(folder, config, run.device)
+    if config.initial_adapter_prefix is not None:
+        model = with_initial_adapter(model, _initial_adapter(run, config.initial_adapter_prefix))
     run.run_manifest = run_manifest(config, data_sha, world_size=topology.world_size)
     run.n_params = sum(p.numel() for p in model.parameters())
     run.results, run.base_eval = results, base_eval

@@ -71,7 +71,7 @@ class InferenceService:
         if model.startswith("ft:"):
             job = await run_in_threadpool(self.jobs.find_fine_tuned, principal, model)
             if job is not None:
-                return job.spec.model
+                return job.spec.base_model
         raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
 
     def _server_for(self, base: str, model: str) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,15 +16,20 @@ from pydantic import ValidationError
 from kubetune.events import JobEvent, page_newest_first, read_events, write_control_events
 from kubetune.files import FileMeta, FilePurpose
 from kubetune.finetunejob import (
+    CHECKPOINT_MODEL_MARK,
     LABEL_BASE_MODEL,
     LABEL_ORG,
+    Adapter,
     AdapterType,
+    ContinueFrom,
     FineTuneJob,
     FineTuneJobSpec,
     JobPhase,
     MethodType,
     ObjectMeta,
+    base_of,
     fine_tuned_model_name,
+    split_checkpoint_model,
 )
 from kubetune.hyperparameters import resolve
 from kubetune.ids import IdKind, is_valid_id, new_job_id
@@ -95,30 +101,47 @@ class JobService:
             [JobEvent(message=message, **kwargs)],
         )
 
-    def _resolve_model(self, principal: Principal, model: str) -> str:
-        """Check the requested base model; return it. An ``ft:`` model is refused here, at
-        create: the trainer cannot continue from an adapter yet, and a job accepted only to
-        fail later would cost the user a queue wait to learn that.
+    def _resolve_model(self, principal: Principal, model: str) -> ModelChoice:
+        """The base model of the requested ``model``, and for an ``ft:`` model (or one of its
+        checkpoints, ``…:ckpt-step-N``) the org's job and step whose adapter training goes on
+        from. Another org's model is "does not exist", as for inference.
         """
         if model.startswith("ft:"):
-            source = self.find_fine_tuned(principal, model)
-            if source is None:
-                raise InvalidRequest(
-                    f"Model {model} does not exist or you do not have access to it.",
-                    param="model",
-                    code="model_not_available",
-                )
-            base = (
-                source.spec.model.split(":")[1]
-                if source.spec.model.startswith("ft:")
-                else (source.spec.model)
-            )
+            return self._continued(principal, model)
+        return ModelChoice(self._catalogue_model(model))
+
+    def _continued(self, principal: Principal, model: str) -> ModelChoice:
+        name, step = split_checkpoint_model(model)
+        job = self.find_fine_tuned(principal, name)
+        if job is None:
             raise InvalidRequest(
-                f"Continuing training from a fine-tuned model ({model}) is not supported yet; "
-                f"fine-tune its base model {base} instead.",
+                f"Model {model} does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_available",
+            )
+        steps = [c.step for c in (job.status.checkpoints if job.status else [])]
+        if step is not None and step not in steps:
+            kept = ", ".join(f"{name}{CHECKPOINT_MODEL_MARK}{s}" for s in sorted(steps))
+            raise InvalidRequest(
+                f"Model {model} does not exist: that checkpoint is not kept. Its job keeps "
+                f"{kept or 'no checkpoints'}.",
+                param="model",
+                code="model_not_available",
+            )
+        if job.spec.adapter.type is AdapterType.FULL:
+            raise InvalidRequest(
+                f"Model {model} is a full fine-tune; training can continue from an adapter "
+                "(lora, qlora) only.",
                 param="model",
                 code="model_not_supported",
             )
+        return ModelChoice(
+            self._catalogue_model(base_of(model)),
+            ContinueFrom(job=job.metadata.name, step=step),
+            job.spec.adapter,
+        )
+
+    def _catalogue_model(self, model: str) -> str:
         if model not in self._catalogue:
             available = ", ".join(sorted(self._catalogue)) or "none configured"
             raise InvalidRequest(
@@ -219,7 +242,7 @@ class JobService:
 
     # -- create ----------------------------------------------------------------------------
     def _spec_from_request(
-        self, principal: Principal, req: CreateFineTuningJobRequest, base: str
+        self, principal: Principal, req: CreateFineTuningJobRequest, choice: ModelChoice
     ) -> FineTuneJobSpec:
         method_type = MethodType(req.method.type) if req.method else MethodType.SUPERVISED
         hyper: dict[str, Any] = {}
@@ -258,6 +281,8 @@ class JobService:
         }
         if req.adapter is not None:
             raw["adapter"] = req.adapter.model_dump()
+        if choice.continue_from is not None:
+            raw.update(self._continuation(req, choice))
         if req.resources is not None:
             raw["resources"] = req.resources.model_dump()
         if req.strategy is not None:
@@ -270,6 +295,24 @@ class JobService:
             return FineTuneJobSpec.model_validate({k: v for k, v in raw.items() if v is not None})
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
+
+    @staticmethod
+    def _continuation(req: CreateFineTuningJobRequest, choice: ModelChoice) -> dict[str, Any]:
+        """The spec fields of a job that continues an adapter: where from, and that adapter's
+        shape (a different rank or targets would not be the same adapter).
+        """
+        assert choice.continue_from is not None
+        assert choice.adapter is not None
+        if req.adapter is not None:
+            raise InvalidRequest(
+                f"Model {req.model} continues its own adapter "
+                f"({choice.adapter.type.value}, r={choice.adapter.r}); leave adapter unset.",
+                param="adapter",
+            )
+        return {
+            "continue_from": choice.continue_from.model_dump(),
+            "adapter": choice.adapter.model_dump(),
+        }
 
     def _admissible(self, principal: Principal, spec: FineTuneJobSpec) -> FineTuneJobSpec:
         """The job with its queue (the org's default when it names none), if this deployment
@@ -359,8 +402,9 @@ class JobService:
         self, principal: Principal, req: CreateFineTuningJobRequest, idempotency_key: str | None
     ) -> FineTuningJob:
         """Validate and store a new job; the same idempotency key returns the same job."""
-        base = self._resolve_model(principal, req.model)
-        spec = self._admissible(principal, self._spec_from_request(principal, req, base))
+        choice = self._resolve_model(principal, req.model)
+        base = choice.base
+        spec = self._admissible(principal, self._spec_from_request(principal, req, choice))
         training = self._check_file(
             principal, spec.training_file, "training_file", spec.method.type
         )
@@ -472,7 +516,7 @@ class JobService:
             FineTuningJobCheckpoint(
                 id=c.id,
                 created_at=int(c.created_at.timestamp()),
-                fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+                fine_tuned_model_checkpoint=f"{base}{CHECKPOINT_MODEL_MARK}{c.step}",
                 fine_tuning_job_id=job.metadata.name,
                 step_number=c.step,
                 metrics=CheckpointMetrics(
@@ -544,6 +588,17 @@ def _label_value(value: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:63].strip("-._") or "unknown"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a job's ``model`` resolves to: its catalogue base model and, for an ``ft:`` model,
+    where training continues from and the adapter it continues.
+    """
+
+    base: str
+    continue_from: ContinueFrom | None = None
+    adapter: Adapter | None = None
 
 
 def _serves(job: FineTuneJob, model: str) -> bool:
