@@ -176,6 +176,9 @@ def with_initial_adapter(model: Any, folder: Path) -> Any:
     """
     from peft import PeftModel
 
+    # What TRL does for the adapter it adds itself (it adds none here): with activation
+    # checkpointing, the frozen embeddings' output must carry gradients to reach the adapter.
+    model.enable_input_require_grads()
     return PeftModel.from_pretrained(model, folder, is_trainable=True)
 
 
