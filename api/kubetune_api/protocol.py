@@ -17,6 +17,7 @@ from kubetune.finetunejob import (
     SUFFIX_PATTERN,
     VLLM_LORA_RANKS,
     VLLM_UNSERVABLE_MODULES,
+    LrScheduler,
     check_servable_targets,
 )
 from kubetune.ids import ID_PATTERNS, IdKind
@@ -180,7 +181,7 @@ class CommonHyperparameters(Request):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
     n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
     # kubetune additions; omitted means the default the FineTuneJob spec documents.
-    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] | None = None
+    lr_scheduler_type: LrScheduler | None = None
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
     weight_decay: Annotated[float, Field(ge=0, le=1)] | None = None
     max_grad_norm: Annotated[float, Field(ge=0, le=1000)] | None = None
