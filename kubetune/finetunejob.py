@@ -11,6 +11,8 @@ means "resolve automatically", as OpenAI documents for ``"auto"``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, Self
@@ -42,6 +44,9 @@ LABEL_JOB: Final = f"{GROUP}/job"
 LABEL_BASE_MODEL: Final = f"{GROUP}/base-model"
 # Set by the API when a fine-tuned model is deleted: its adapter is unloaded everywhere.
 ANNOTATION_MODEL_DELETED: Final = f"{GROUP}/model-deleted"
+# Set by the API when a checkpoint's model is asked for: when (Unix seconds) step N was last
+# used. The replicas serve the most recently used checkpoints of their base model.
+ANNOTATION_CHECKPOINT_USED_PREFIX: Final = f"{GROUP}/checkpoint-used-step-"
 
 # Org names appear in object-store keys and label values: a DNS-1123 label keeps both safe.
 ORG_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -421,6 +426,28 @@ def split_checkpoint_model(model: str) -> tuple[str, int | None]:
     if mark and step.isdigit() and int(step) > 0:
         return head, int(step)
     return model, None
+
+
+def checkpoint_used_annotation(step: int) -> str:
+    """The annotation that records when checkpoint ``step``'s model was last used."""
+    return f"{ANNOTATION_CHECKPOINT_USED_PREFIX}{step}"
+
+
+def checkpoints_in_use(annotations: Mapping[str, str]) -> dict[int, float]:
+    """Checkpoint step → when its model was last used, from a job's annotations (a value that
+    is not a number is ignored: annotations can be written by hand).
+    """
+    used: dict[int, float] = {}
+    for key, value in annotations.items():
+        head, mark, step = key.partition(ANNOTATION_CHECKPOINT_USED_PREFIX)
+        if mark and not head and step.isdigit():
+            try:
+                when = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(when):
+                used[int(step)] = when
+    return used
 
 
 def base_of(model: str) -> str:

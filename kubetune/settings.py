@@ -543,6 +543,20 @@ class ServingSettings(BaseModel):
     request_timeout_seconds: float = Field(
         default=120.0, gt=0, description="Timeout of one call to vLLM or to a sidecar."
     )
+    checkpoint_slots: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Checkpoint models (ft:…:ckpt-step-N) each vLLM replica serves at once, "
+        "loaded when first asked for; the least recently used is unloaded to make room. 0: "
+        "checkpoints are not served.",
+    )
+    checkpoint_load_seconds: float = Field(
+        default=90.0,
+        gt=0,
+        description="How long the API's inference proxy waits for a checkpoint's model to be "
+        "loaded before it answers 503 (retry later).",
+    )
     vllm_api_key: SecretStr | None = Field(
         default=None,
         description="vLLM's API key (its --api-key / VLLM_API_KEY): sent as a bearer token by "

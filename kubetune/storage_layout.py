@@ -44,6 +44,9 @@ _WEBHOOK_MESSAGE_RE: Final = re.compile(WEBHOOK_MESSAGE_ID_PATTERN)
 EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
 CHECKPOINT_DIGITS: Final = 10
 MANIFEST_NAME: Final = "manifest.json"
+# A LoRA adapter's own files, in the adapter folder and in every checkpoint beside the
+# optimizer state: all that vLLM, PEFT or a continued job need of it.
+ADAPTER_FILES: Final = ("adapter_config.json", "adapter_model.safetensors")
 FILE_META_SUFFIX: Final = ".meta.json"  # a file's metadata sits beside its bytes
 
 
@@ -141,6 +144,18 @@ class StorageLayout:
     def adapter_manifest_key(self, org: str, job_id: str) -> str:
         """Key of the final adapter's run manifest, written after the adapter files."""
         return f"{self.adapter_prefix(org, job_id)}{MANIFEST_NAME}"
+
+    def model_prefix(self, org: str, job_id: str, step: int | None = None) -> str:
+        """Folder of a fine-tuned model's weights: the final adapter, or (``step``) that
+        checkpoint's.
+        """
+        if step is None:
+            return self.adapter_prefix(org, job_id)
+        return self.checkpoint_prefix(org, job_id, step)
+
+    def model_manifest_key(self, org: str, job_id: str, step: int | None = None) -> str:
+        """Key of the manifest without which that model's weights do not exist (yet)."""
+        return f"{self.model_prefix(org, job_id, step)}{MANIFEST_NAME}"
 
     def results_key(self, org: str, job_id: str) -> str:
         """Key of the OpenAI-style results CSV."""

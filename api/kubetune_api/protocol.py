@@ -8,6 +8,7 @@ request fields a Together or Kubeflow user expects) it is marked here.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -505,6 +506,13 @@ class Model(Wire):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+class ModelContentFormat(StrEnum):
+    """What ``GET /v1/models/{model}/content`` returns (Together's ``checkpoint`` parameter)."""
+
+    ADAPTER = "adapter"  # the LoRA adapter: adapter_config.json and adapter_model.safetensors
+    MERGED = "merged"  # a whole model (a full fine-tune's weights)
 
 
 class ListModelsResponse(Wire):

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kubetune_cli.context import connection
+from kubetune_cli.download import download_model
 from kubetune_cli.output import Column, as_dict, print_json, show_list, stdout, timestamp
 
-app = typer.Typer(help="List and delete models.", no_args_is_help=True)
+app = typer.Typer(help="List, download and delete models.", no_args_is_help=True)
+
+
+class WeightsFormat(StrEnum):
+    """What ``models download`` fetches."""
+
+    ADAPTER = "adapter"
+    MERGED = "merged"
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -39,3 +50,32 @@ def remove(
         print_json(as_dict(deleted))
     else:
         stdout.print(f"Deleted {deleted.id}")
+
+
+@app.command("download")
+def download(
+    ctx: typer.Context,
+    model_id: Annotated[
+        str, typer.Argument(help="A fine-tuned model (ft:…) or checkpoint (ft:…:ckpt-step-N).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to put it: a new folder (default ./<model>), or with --tar the archive "
+            "(default ./<model>.tar).",
+        ),
+    ] = None,
+    weights: Annotated[
+        WeightsFormat,
+        typer.Option("--format", help="adapter (LoRA) or merged (a full fine-tune's model)."),
+    ] = WeightsFormat.ADAPTER,
+    keep_tar: Annotated[
+        bool, typer.Option("--tar", help="Save the tar archive as it is, not extracted.")
+    ] = False,
+) -> None:
+    """Download a fine-tuned model's or checkpoint's weights, with a progress bar."""
+    client = connection(ctx).client()
+    written = download_model(client, model_id, weights.value, output, extract=not keep_tar)
+    stdout.print(f"Saved {model_id} to {written}")

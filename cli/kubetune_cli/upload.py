@@ -79,7 +79,8 @@ class ProgressReader(io.RawIOBase):
         return len(data)
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
+    """A bar of bytes moved: done, speed and time left (on stderr)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -96,7 +97,7 @@ def upload_file(
 ) -> FileObject:
     """Upload ``path``; files larger than ``part_size`` go through the Uploads API."""
     size = path.stat().st_size
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"Uploading {path.name}", total=size)
 
         def advance(n: int) -> None:

@@ -97,7 +97,9 @@ def local_serving(settings: Settings, store: ObjectStore) -> LocalServing:
         )
         for base, url in opts.vllm_urls.items()
     }
-    return LocalServing(replicas, sync_seconds=opts.sync_seconds)
+    return LocalServing(
+        replicas, sync_seconds=opts.sync_seconds, checkpoint_slots=opts.checkpoint_slots
+    )
 
 
 class LocalRunner:

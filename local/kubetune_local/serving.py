@@ -57,6 +57,7 @@ class LocalServing:
         replicas: Mapping[str, ReplicaAdapters],
         *,
         sync_seconds: float,
+        checkpoint_slots: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replicas = {
@@ -64,6 +65,7 @@ class LocalServing:
             for base, adapters in replicas.items()
         }
         self.state = ServingState()
+        self.checkpoint_slots = checkpoint_slots
         self._clock = clock
         for replica in self.replicas.values():
             self.state.seen(replica.name, replica.base_model)
@@ -96,7 +98,7 @@ class LocalServing:
         (the set changed, the resync period passed, an earlier push failed); return whether
         any replica's report changed.
         """
-        desired = desired_adapters(jobs)
+        desired = desired_adapters(jobs, checkpoint_slots=self.checkpoint_slots)
         before = self.state.version
         for base, replica in self.replicas.items():
             wanted = tuple(desired.get(base, ()))

@@ -16,8 +16,9 @@ lets only the operator in):
 On ``KUBETUNE_SERVING__METRICS_PORT`` (if set) it serves one more thing, alone: vLLM's
 ``GET /metrics``, relayed, so Prometheus scrapes there and never reaches vLLM's port.
 - ``GET /adapters``: ``{base_model, loaded: [names], max_lora_rank, max_loras}``.
-- ``PUT /adapters`` ``{adapters: [{name, org, job_id, base_model}]}``: serve exactly these of
-  kubetune's adapters; answers ``{results: {name: {state, changed, seconds, code, message}},
+- ``PUT /adapters`` ``{adapters: [{name, org, job_id, base_model, step?}]}``: serve exactly
+  these of kubetune's adapters (``step``: a checkpoint's, of which only the adapter files are
+  fetched); answers ``{results: {name: {state, changed, seconds, code, message}},
   loaded}``. A rejected adapter is a result, not a failure of the call.
 - ``PUT /adapters/{name}`` ``{org, job_id}``: serve one more adapter.
 - ``DELETE /adapters/{name}``: stop serving one.
@@ -96,7 +97,7 @@ class Sidecar:
         if base is not None and ref.base_model != base:
             raise BadRequest(f"this replica serves {base}, not {ref.base_model} ({ref.name})")
         try:  # an org or job id that could escape its folder is refused here
-            self.replica.layout.adapter_prefix(ref.org, ref.job_id)
+            self.replica.layout.model_prefix(ref.org, ref.job_id, ref.step)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         return ref
@@ -117,8 +118,10 @@ class Sidecar:
             fields["name"] = name
         try:
             return self._check_ref(AdapterRef.from_json(fields))
-        except (KeyError, TypeError) as exc:
-            raise BadRequest(f"an adapter needs name, org, job_id, base_model: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(
+                f"an adapter needs name, org, job_id, base_model (and a checkpoint's step): {exc}"
+            ) from None
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the sidecar's own event loop answers."""

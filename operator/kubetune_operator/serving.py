@@ -7,7 +7,8 @@ through its adapter-sync sidecar, and keep what they report.
   ``adapter-sync``. Their base model is the annotation ``kubetune.io/base-model-id`` (label
   values cannot hold every model id), else the label ``kubetune.io/base-model``.
 - The desired adapters come from kopf's index of FineTuneJobs
-  (``kubetune_runtime.adapters.adapter_ref``).
+  (``kubetune_runtime.adapters.job_adapters``: a job's final adapter and the checkpoints asked
+  for), chosen per base model by ``choose_adapters``.
 - A :class:`~kubetune_runtime.serving.ReplicaTracker` per replica says when to push it the whole
   desired set (the same policy as local mode's).
 - :class:`ServingState` keeps what the last push to each replica reported, in memory; the job
@@ -27,7 +28,14 @@ import httpx
 from kubetune.finetunejob import LABEL_BASE_MODEL
 from kubetune.settings import ServingSettings
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_runtime.adapters import AdapterRef, ServingUnavailable, SyncResult, SyncState
+from kubetune_runtime.adapters import (
+    AdapterRef,
+    JobAdapters,
+    ServingUnavailable,
+    SyncResult,
+    SyncState,
+    choose_adapters,
+)
 from kubetune_runtime.serving import ReplicaTracker, ServingState
 
 log = logging.getLogger(__name__)
@@ -136,10 +144,11 @@ def push(url: str, desired: Sequence[AdapterRef], timeout: float) -> SidecarRepo
 
 
 def desired_for(
-    index: Mapping[str, Iterable[AdapterRef]], base_model: str
+    index: Mapping[str, Iterable[JobAdapters]], base_model: str, checkpoint_slots: int
 ) -> tuple[AdapterRef, ...]:
     """The adapters a replica of ``base_model`` should serve, from the jobs' index."""
-    return tuple(sorted(set(index.get(base_model, ()))))
+    chosen = choose_adapters(index.get(base_model, ()), checkpoint_slots=checkpoint_slots)
+    return tuple(chosen.get(base_model, ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ def desired_for(
 # ---------------------------------------------------------------------------------------------
 
 ReplicaIndex = Mapping[str, Iterable[Replica]]
-AdapterIndex = Mapping[str, Iterable[AdapterRef]]
+AdapterIndex = Mapping[str, Iterable[JobAdapters]]
 
 
 def record_registrations(
@@ -226,7 +235,7 @@ async def sync_replicas(
                 if sync is None or sync.replica != replica:
                     sync = syncs[uid] = ReplicaSync(replica, ReplicaTracker(settings.sync_seconds))
                     state.seen(replica.name, replica.base_model)
-                desired = desired_for(adapters, replica.base_model)
+                desired = desired_for(adapters, replica.base_model, settings.checkpoint_slots)
                 if not sync.busy and sync.tracker.wants_push(desired, loop.time()):
                     sync.task = asyncio.create_task(
                         _push_one(sync, desired, state, metrics, settings.request_timeout_seconds)

@@ -33,7 +33,7 @@ from kubetune_operator.serving import (
     replica_of,
     sync_replicas,
 )
-from kubetune_runtime.adapters import AdapterRef, adapter_ref
+from kubetune_runtime.adapters import JobAdapters, job_adapters
 from kubetune_runtime.driver import StatusConflict
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,14 @@ def is_succeeded(status: Any, **_: Any) -> bool:
     return bool((status or {}).get("phase") == JobPhase.SUCCEEDED.value)
 
 
-def job_adapter(body: Any) -> AdapterRef | None:
-    """The adapter a FineTuneJob object wants served (None while it is being deleted)."""
+def body_adapters(body: Any) -> JobAdapters:
+    """The adapters a FineTuneJob object wants served (none while it is being deleted)."""
     if (body.get("metadata") or {}).get("deletionTimestamp"):
-        return None
+        return JobAdapters()
     try:
-        return adapter_ref(FineTuneJob.from_manifest(dict(body)))
+        return job_adapters(FineTuneJob.from_manifest(dict(body)))
     except ValidationError:
-        return None
+        return JobAdapters()
 
 
 def register_serving(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
@@ -100,10 +100,10 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
         return {replica.base_model: replica} if replica else {}
 
     @kopf.index(GROUP, VERSION, PLURAL, id="served_adapters", registry=registry)
-    def served_adapters(body: kopf.Body, **_: Any) -> dict[str, AdapterRef]:
+    def served_adapters(body: kopf.Body, **_: Any) -> dict[str, JobAdapters]:
         """Adapters to serve by base model (a deleted model's entry is dropped: see above)."""
-        ref = job_adapter(body)
-        return {ref.base_model: ref} if ref else {}
+        offered = body_adapters(body)
+        return {offered.base_model: offered} if offered.base_model else {}
 
 
 def _register_status_writer(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:

@@ -4,8 +4,11 @@ Shared by the operator's adapter-sync sidecar (one per vLLM pod) and local mode,
 its local vLLM with the same :class:`ReplicaAdapters`.
 
 - :func:`desired_adapters` is pure: the adapters of succeeded, registered, undeleted jobs, per
-  base model. Everything else is level-based on it, so a replica that starts later catches up
-  and a deleted model is unloaded by the next sync.
+  base model, and the checkpoints users asked for (``ft:…:ckpt-step-N``; the API records each
+  use in an annotation), the most recently used ``checkpoint_slots`` of them per base model.
+  Everything else is level-based on it, so a replica that starts later catches up, a deleted
+  model is unloaded by the next sync, and so is the least recently used checkpoint when a
+  newer one needs its slot.
 - :class:`ReplicaAdapters` makes one vLLM replica serve a set of adapters. An adapter is fetched
   from the object store into ``<adapter_dir>/<name>`` (a temporary folder renamed into place,
   so vLLM never reads half an adapter), its ``adapter_config.json`` checked against the
@@ -41,14 +44,16 @@ import httpx
 
 from kubetune.finetunejob import (
     ANNOTATION_MODEL_DELETED,
+    CHECKPOINT_MODEL_MARK,
     VLLM_LORA_RANKS,
     AdapterType,
     ErrorKind,
     FineTuneJob,
     JobError,
     JobPhase,
+    checkpoints_in_use,
 )
-from kubetune.storage_layout import StorageLayout
+from kubetune.storage_layout import ADAPTER_FILES, StorageLayout
 from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -68,59 +73,130 @@ _SAFE_NAME: Final = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 class AdapterRef:
     """One adapter to serve: the fine-tuned model id and where its files are."""
 
-    name: str  # the fine-tuned model id, "ft:…": vLLM's lora_name
+    name: str  # the model id, "ft:…" or a checkpoint's "ft:…:ckpt-step-N": vLLM's lora_name
     org: str
     job_id: str
     base_model: str
+    step: int | None = None  # a checkpoint's step; None: the job's final adapter
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """As the sidecar's API carries it."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AdapterRef:
-        """Read one from the sidecar's API (KeyError/TypeError on a malformed body)."""
+        """Read one from the sidecar's API (KeyError/TypeError/ValueError on a malformed body)."""
+        step = data.get("step")
         return cls(
             name=str(data["name"]),
             org=str(data["org"]),
             job_id=str(data["job_id"]),
             base_model=str(data["base_model"]),
+            step=None if step is None else int(step),
         )
 
 
-def adapter_ref(job: FineTuneJob) -> AdapterRef | None:
-    """The adapter a job's model is served from, or None when it should not be served.
+def _servable_model(job: FineTuneJob) -> str | None:
+    """The job's fine-tuned model if its adapters may be served, else None.
 
-    Served: the job succeeded with a fine-tuned model, ``spec.serving.register`` is on, and the
-    model was not deleted (``kubetune.io/model-deleted``).
+    Served: the job succeeded with a fine-tuned model, ``spec.serving.register`` is on, the
+    model was not deleted (``kubetune.io/model-deleted``), and it is an adapter: a full
+    fine-tune is a whole model, which vLLM's runtime LoRA loading cannot serve (it needs a
+    deployment of its own).
     """
     status = job.status
     if status is None or status.phase is not JobPhase.SUCCEEDED or not status.fine_tuned_model:
         return None
-    if not job.spec.serving.register_adapter:
-        return None
-    # A full fine-tune is a whole model, not an adapter: vLLM's runtime LoRA loading cannot
-    # serve it (it needs a deployment of its own), so it is not offered to the LoRA replicas.
-    if job.spec.adapter.type is AdapterType.FULL:
+    if not job.spec.serving.register_adapter or job.spec.adapter.type is AdapterType.FULL:
         return None
     if job.metadata.annotations.get(ANNOTATION_MODEL_DELETED) == "true":
         return None
+    return status.fine_tuned_model
+
+
+def adapter_ref(job: FineTuneJob) -> AdapterRef | None:
+    """The adapter a job's model is served from, or None when it should not be served."""
+    model = _servable_model(job)
+    if model is None:
+        return None
     return AdapterRef(
-        name=status.fine_tuned_model,
-        org=job.spec.org,
-        job_id=job.metadata.name,
-        base_model=job.spec.base_model,
+        name=model, org=job.spec.org, job_id=job.metadata.name, base_model=job.spec.base_model
     )
 
 
-def desired_adapters(jobs: Iterable[FineTuneJob]) -> dict[str, list[AdapterRef]]:
-    """The adapters each base model should serve (sorted by name), from every job known."""
+def checkpoint_model_name(model: str, step: int) -> str:
+    """The model name of checkpoint ``step`` of the fine-tuned ``model``."""
+    return f"{model}{CHECKPOINT_MODEL_MARK}{step}"
+
+
+@dataclass(frozen=True)
+class JobAdapters:
+    """What one job offers for serving: its final adapter, and its checkpoints whose model was
+    asked for (``kubetune.io/checkpoint-used-step-N``, kept ones only) with when each was last
+    used.
+    """
+
+    final: AdapterRef | None = None
+    checkpoints: tuple[tuple[float, AdapterRef], ...] = ()
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model they are served on (None: nothing to serve)."""
+        ref = self.final or (self.checkpoints[0][1] if self.checkpoints else None)
+        return ref.base_model if ref else None
+
+
+def job_adapters(job: FineTuneJob) -> JobAdapters:
+    """The adapters ``job`` offers for serving."""
+    model = _servable_model(job)
+    if model is None or job.status is None:
+        return JobAdapters()
+    kept = {c.step for c in job.status.checkpoints}
+    used = checkpoints_in_use(job.metadata.annotations)
+    checkpoints = tuple(
+        (
+            when,
+            AdapterRef(
+                name=checkpoint_model_name(model, step),
+                org=job.spec.org,
+                job_id=job.metadata.name,
+                base_model=job.spec.base_model,
+                step=step,
+            ),
+        )
+        for step, when in sorted(used.items())
+        if step in kept
+    )
+    return JobAdapters(adapter_ref(job), checkpoints)
+
+
+def choose_adapters(
+    offered: Iterable[JobAdapters], *, checkpoint_slots: int
+) -> dict[str, list[AdapterRef]]:
+    """The adapters each base model should serve (sorted by name): every final adapter, and
+    the ``checkpoint_slots`` most recently used checkpoints — the least recently used beyond
+    those are unloaded to make room.
+    """
     result: dict[str, list[AdapterRef]] = {}
-    for job in jobs:
-        ref = adapter_ref(job)
-        if ref is not None:
-            result.setdefault(ref.base_model, []).append(ref)
-    return {base: sorted(set(refs)) for base, refs in result.items()}
+    used: dict[str, list[tuple[float, AdapterRef]]] = {}
+    for job in offered:
+        if job.final is not None:
+            result.setdefault(job.final.base_model, []).append(job.final)
+        for when, checkpoint in job.checkpoints:
+            used.setdefault(checkpoint.base_model, []).append((when, checkpoint))
+    for base, candidates in used.items():
+        newest = sorted(candidates, key=lambda c: (-c[0], c[1].name))[:checkpoint_slots]
+        result.setdefault(base, []).extend(ref for _, ref in newest)
+    return {base: sorted(set(refs)) for base, refs in result.items() if refs}
+
+
+def desired_adapters(
+    jobs: Iterable[FineTuneJob], *, checkpoint_slots: int
+) -> dict[str, list[AdapterRef]]:
+    """The adapters each base model should serve, from every job known (see
+    :func:`choose_adapters`).
+    """
+    return choose_adapters(map(job_adapters, jobs), checkpoint_slots=checkpoint_slots)
 
 
 def folder_name(name: str) -> str:
@@ -389,27 +465,27 @@ class ReplicaAdapters:
         return target
 
     def _download(self, ref: AdapterRef, dest: Path) -> None:
-        manifest = self.layout.adapter_manifest_key(ref.org, ref.job_id)
+        what = f"the adapter of {ref.job_id}"
+        if ref.step is not None:
+            what = f"checkpoint {ref.step} of {ref.job_id}"
+        manifest = self.layout.model_manifest_key(ref.org, ref.job_id, ref.step)
+        prefix = self.layout.model_prefix(ref.org, ref.job_id, ref.step)
         try:
             if not self.store.exists(manifest):
-                raise AdapterRejected(
-                    f"the adapter of {ref.job_id} is not in the object store",
-                    code="adapter_missing",
-                )
-            self.store.download_prefix(self.layout.adapter_prefix(ref.org, ref.job_id), dest)
+                raise AdapterRejected(f"{what} is not in the object store", code="adapter_missing")
+            # A checkpoint's folder also holds the optimizer state: only the adapter is served.
+            only = ADAPTER_FILES if ref.step is not None else None
+            self.store.download_prefix(prefix, dest, only=only)
         except ServingError:
             raise
         except ObjectNotFound as exc:
             raise AdapterRejected(
-                f"the adapter of {ref.job_id} is incomplete in the object store: {exc}",
-                code="adapter_missing",
+                f"{what} is incomplete in the object store: {exc}", code="adapter_missing"
             ) from exc
         except Exception as exc:  # the store's client raises its own errors (botocore, OSError)
-            raise ServingUnavailable(f"could not fetch the adapter of {ref.job_id}: {exc}") from exc
+            raise ServingUnavailable(f"could not fetch {what}: {exc}") from exc
         if not (dest / ADAPTER_CONFIG).exists():
-            raise AdapterRejected(
-                f"the adapter of {ref.job_id} has no {ADAPTER_CONFIG}", code="adapter_missing"
-            )
+            raise AdapterRejected(f"{what} has no {ADAPTER_CONFIG}", code="adapter_missing")
 
     def _remove_folder(self, name: str) -> None:
         shutil.rmtree(self.path_of(name), ignore_errors=True)

@@ -44,7 +44,7 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -509,8 +509,12 @@ class ObjectStore(_ClosedOnExit, abc.ABC):
             self.delete(key)
         return len(keys)
 
-    def download_prefix(self, prefix: str, dest_dir: Path) -> builtins.list[Path]:
-        """Copy every object under the folder ``prefix`` to ``dest_dir``/<rest of the key>.
+    def download_prefix(
+        self, prefix: str, dest_dir: Path, *, only: Collection[str] | None = None
+    ) -> builtins.list[Path]:
+        """Copy every object under the folder ``prefix`` to ``dest_dir``/<rest of the key>, or
+        only those whose rest of the key is in ``only`` (each of which must exist, else
+        :class:`ObjectNotFound`).
 
         Each file appears under its name only once completely written and verified. Returns the
         paths written, in key order.
@@ -519,7 +523,11 @@ class ObjectStore(_ClosedOnExit, abc.ABC):
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest_root = dest_dir.resolve()
         written: builtins.list[Path] = []
-        for info in self.list(folder):
+        infos = self.list(folder)
+        if only is not None:
+            wanted = {folder + name for name in only}
+            infos = iter([i for i in infos if i.key in wanted])
+        for info in infos:
             validate_key(info.key)  # keys written by other tools may not be safe as paths
             target = dest_dir.joinpath(*info.key[len(folder) :].split("/"))
             if not target.resolve().is_relative_to(dest_root):
@@ -535,6 +543,9 @@ class ObjectStore(_ClosedOnExit, abc.ABC):
                 tmp.unlink(missing_ok=True)
                 raise
             written.append(target)
+        if only is not None and len(written) < len(set(only)):
+            missing = sorted(set(only) - {p.relative_to(dest_dir).as_posix() for p in written})
+            raise ObjectNotFound(f"{folder}{missing[0]}")
         return written
 
     def upload_dir(

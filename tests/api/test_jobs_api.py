@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import os
+import tarfile
 from typing import Any
 
 import openai
@@ -16,7 +18,7 @@ import pytest
 
 from kubetune.finetunejob import CheckpointRef, FineTuneJobStatus, Metrics
 from kubetune.ids import new_checkpoint_id, results_file_id
-from tests.api.conftest import backend_of, chat_file, dpo_file, store_of
+from tests.api.conftest import backend_of, chat_file, dpo_file, settings_of, store_of
 from tests.harness.api import error_of
 from tests.harness.openapi import validate
 
@@ -336,7 +338,6 @@ def test_checkpoints_results_file_and_models(api, training_file):
         checkpoints=[c.model_dump(mode="json", by_alias=True) for c in checkpoints],
     )
     store = store_of(api)
-    from tests.api.conftest import settings_of
 
     layout = settings_of(api).object_store.layout()
     csv = b"step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,2.0,0.1,,\n"
@@ -449,6 +450,84 @@ def test_an_ft_model_or_its_checkpoint_is_continued(api, training_file):
             model=f"{model_name}:ckpt-step-7", training_file=training_file
         )
     )
+
+
+def _store_weights(api, org, job_id, step, files):
+    """Store a model's files and then its manifest, as the trainer commits them."""
+    store, layout = store_of(api), settings_of(api).object_store.layout()
+    prefix = layout.model_prefix(org, job_id, step)
+    for name, data in files.items():
+        store.put_bytes(prefix + name, data)
+    store.put_bytes(layout.model_manifest_key(org, job_id, step), b'{"files": {}}')
+
+
+def _download(api, model, org="acme", **params):
+    http = api.client(org)._client
+    return http.get(
+        f"{api.base_url}/v1/models/{model}/content",
+        params=params,
+        headers={"Authorization": f"Bearer {api.keys[org]}"},
+    )
+
+
+def _members(response):
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:") as archive:
+        files = {m.name: archive.extractfile(m) for m in archive.getmembers()}
+        return {name: file.read() for name, file in files.items() if file is not None}
+
+
+def test_a_model_and_its_checkpoints_download_as_tar_archives(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training_file, suffix="dl"
+    )
+    model = f"ft:tiny-llama:acme:dl:{job.id[-8:]}"
+    _succeed_with_checkpoints(api, job.id, model, [5, 10])
+    # Sizes that are not whole 512-byte blocks: the archive pads them.
+    weights = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": os.urandom(70_001)}
+    _store_weights(api, "acme", job.id, None, weights)
+    resume_only = {"optimizer.pt": b"o" * 999, "rng_state.pth": b"r", "trainer_state.json": b"{}"}
+    _store_weights(api, "acme", job.id, 5, {**weights, **resume_only})
+
+    folder = f"ft-tiny-llama-acme-dl-{job.id[-8:]}"
+    for name, wanted_folder in ((model, folder), (f"{model}:ckpt-step-5", f"{folder}-ckpt-step-5")):
+        response = _download(api, name)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/x-tar"
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert f'filename="{wanted_folder}.tar"' in response.headers["content-disposition"]
+        members = _members(response)
+        # The adapter's files, then the manifest; never a checkpoint's optimizer state.
+        assert list(members) == [
+            f"{wanted_folder}/adapter_config.json",
+            f"{wanted_folder}/adapter_model.safetensors",
+            f"{wanted_folder}/manifest.json",
+        ]
+        assert (
+            members[f"{wanted_folder}/adapter_model.safetensors"]
+            == weights["adapter_model.safetensors"]
+        )
+
+    refused = [
+        # Another org's model does not exist for this one.
+        ({"model": model, "org": "globex"}, 404, "model", "model_not_found"),
+        # A checkpoint the job does not keep; one it keeps whose weights are gone.
+        ({"model": f"{model}:ckpt-step-7"}, 404, "model", "model_not_found"),
+        ({"model": f"{model}:ckpt-step-10"}, 404, "model", "model_not_found"),
+        # A base model's weights are not the API's to hand out.
+        ({"model": "tiny-llama"}, 400, "model", "model_not_downloadable"),
+        # A LoRA model is an adapter; an unknown format is a validation error.
+        ({"model": model, "format": "merged"}, 400, "format", "format_not_available"),
+        ({"model": model, "format": "gguf"}, 400, "format", None),
+    ]
+    for kwargs, status, param, code in refused:
+        response = _download(api, **kwargs)
+        assert response.status_code == status, (kwargs, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, error
+        if code is not None:
+            assert error["code"] == code, error
+    assert "ckpt-step-5, " in _download(api, f"{model}:ckpt-step-7").json()["error"]["message"]
 
 
 def error_message(call):

@@ -6,6 +6,7 @@ job the way the local executor will: trainer events into the store, status into 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,52 @@ def test_models_rm(cli_api, job_id):
     Executor(cli_api, job_id).set(phase=JobPhase.SUCCEEDED, fine_tuned_model=model)
     assert run_cli([*g, "models", "rm", model]).exit_code == 0
     assert model not in [m["id"] for m in run_json([*g, "models", "list"])]
+
+
+def test_models_download_extracts_the_weights_or_keeps_the_archive(cli_api, job_id, tmp_path):
+    g = global_args(cli_api)
+    model = fine_tuned_model_name("tiny-llama", "acme", None, job_id)
+    ckpt = CheckpointRef(id=new_checkpoint_id(), step=4, created_at=Executor(cli_api, job_id).now())
+    executor = Executor(cli_api, job_id)
+    executor.set(phase=JobPhase.SUCCEEDED, fine_tuned_model=model, checkpoints=[ckpt])
+    weights = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"w" * 3000}
+    for step in (None, 4):
+        prefix = executor.layout.model_prefix("acme", job_id, step)
+        for name, data in {**weights, "optimizer.pt": b"o"}.items():
+            executor.store.put_bytes(prefix + name, data)
+        executor.store.put_bytes(executor.layout.model_manifest_key("acme", job_id, step), b"{}")
+
+    out = tmp_path / "downloads"  # beside nothing else
+    folder = out / "pirate"
+    result = run_cli([*g, "models", "download", model, "-o", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [*sorted(weights), "manifest.json"]
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights[
+        "adapter_model.safetensors"
+    ]
+    assert "Downloading" in result.stderr  # the progress bar
+
+    archive = out / "ckpt.tar"
+    checkpoint = f"{model}:ckpt-step-4"
+    assert (
+        run_cli([*g, "models", "download", checkpoint, "--tar", "-o", str(archive)]).exit_code == 0
+    )
+    with tarfile.open(archive) as tar:
+        assert "optimizer.pt" not in {Path(n).name for n in tar.getnames()}
+        assert len(tar.getnames()) == 3
+
+    # Refusals leave nothing behind: an existing target, another org's model, a format.
+    assert run_cli([*g, "models", "download", model, "-o", str(folder)]).exit_code == ExitCode.USAGE
+    other = out / "other"
+    refused = run_cli(
+        [*global_args(cli_api, "globex"), "models", "download", model, "-o", str(other)]
+    )
+    assert refused.exit_code == ExitCode.API_ERROR
+    assert "model_not_found" in refused.stderr
+    refused = run_cli([*g, "models", "download", model, "--format", "merged", "-o", str(other)])
+    assert refused.exit_code == ExitCode.API_ERROR
+    assert "format" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.tar", "pirate"]
 
 
 def test_list_json_is_plain_json(cli_api):

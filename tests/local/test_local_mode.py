@@ -146,9 +146,19 @@ def test_inference_proxy(
     assert len(streamed) > 1
     assert "".join(c.choices[0].text for c in streamed if c.choices) == tuned.choices[0].text
 
+    # A checkpoint's model answers too: loaded on demand, beside the final model.
+    steps = [step for step, _, _ in demo.checkpoints(client, finished_demo["job"].id)]
+    earliest = f"{model}:ckpt-step-{min(steps)}"
+    reply = client.chat.completions.create(model=earliest, messages=prompt, max_tokens=4)
+    assert reply.model == earliest  # vLLM answered with that LoRA adapter
+    assert reply.choices[0].message.content
+    with pytest.raises(openai.NotFoundError) as caught:
+        demo.answer(client, f"{model}:ckpt-step-{min(steps) - 1}")
+    assert earliest in caught.value.message  # it names the checkpoints that are kept
+
     stranger = OpenAI(base_url=server.base_url, api_key=other_key, max_retries=0)
     assert demo.answer(stranger, demo.BASE_MODEL)  # base models are everyone's
-    for name in (model, FT_PREFIX + "unknown", "no-such-model"):
+    for name in (model, earliest, FT_PREFIX + "unknown", "no-such-model"):
         with pytest.raises(openai.NotFoundError) as caught:
             stranger.chat.completions.create(model=name, messages=prompt)
         assert caught.value.code == "model_not_found"
@@ -157,8 +167,9 @@ def test_inference_proxy(
         client.chat.completions.create(model=model, messages=prompt, max_tokens=100_000)
 
     client.models.delete(model)
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model=model, messages=prompt)
+    for name in (model, earliest):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=name, messages=prompt)
 
 
 def _metrics_steps(events: list[Any]) -> list[int]:

@@ -7,13 +7,19 @@ from typing import Any
 
 import pytest
 
-from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, FineTuneJob, JobPhase
+from kubetune.finetunejob import (
+    ANNOTATION_MODEL_DELETED,
+    FineTuneJob,
+    JobPhase,
+    checkpoint_used_annotation,
+)
 from kubetune_runtime.adapters import (
     AdapterRef,
     AdapterRejected,
     adapter_rank,
     desired_adapters,
     folder_name,
+    job_adapters,
     prepare_adapter_config,
 )
 
@@ -26,9 +32,17 @@ def job(
     register: bool = True,
     deleted: bool = False,
     adapter: str = "lora",
+    kept: tuple[int, ...] = (),
+    used: dict[int, str] | None = None,
 ) -> FineTuneJob:
-    """A FineTuneJob in ``phase`` whose fine-tuned model is ``ft:<model>:acme::<name>``."""
+    """A FineTuneJob in ``phase`` whose fine-tuned model is ``ft:<model>:acme::<name>``, which
+    keeps checkpoints ``kept``, of which ``used`` (step → annotation value) were asked for.
+    """
     annotations = {ANNOTATION_MODEL_DELETED: "true"} if deleted else {}
+    annotations |= {checkpoint_used_annotation(s): when for s, when in (used or {}).items()}
+    checkpoints = [
+        {"id": f"ftckpt-{s:023d}", "step": s, "createdAt": "2026-12-07T00:00:00Z"} for s in kept
+    ]
     return FineTuneJob.from_manifest(
         {
             "metadata": {"name": name, "annotations": annotations},
@@ -41,6 +55,7 @@ def job(
             },
             "status": {
                 "phase": phase.value,
+                "checkpoints": checkpoints,
                 "fineTunedModel": f"ft:{model}:acme::{name[-4:]}"
                 if phase is JobPhase.SUCCEEDED
                 else None,
@@ -61,7 +76,7 @@ def test_desired_adapters_are_succeeded_registered_undeleted_jobs_by_base_model(
         job("ftjob-a008", adapter="qlora"),
         job("ftjob-a000"),
     ]
-    desired = desired_adapters(jobs)
+    desired = desired_adapters(jobs, checkpoint_slots=4)
     assert desired == {
         "tiny-llama": [
             AdapterRef("ft:tiny-llama:acme::a000", "acme", "ftjob-a000", "tiny-llama"),
@@ -70,7 +85,66 @@ def test_desired_adapters_are_succeeded_registered_undeleted_jobs_by_base_model(
         ],
         "other": [AdapterRef("ft:other:acme::a002", "acme", "ftjob-a002", "other")],
     }
-    assert desired_adapters([]) == {}
+    assert desired_adapters([], checkpoint_slots=4) == {}
+
+
+def checkpoint(job_id: str, step: int, model: str = "tiny-llama") -> AdapterRef:
+    """The ref of checkpoint ``step`` of the job made by :func:`job`."""
+    name = f"ft:{model}:acme::{job_id[-4:]}:ckpt-step-{step}"
+    return AdapterRef(name, "acme", job_id, model, step=step)
+
+
+def test_the_most_recently_used_checkpoints_fill_the_slots_of_their_base_model() -> None:
+    jobs = [
+        job("ftjob-b001", kept=(10, 20, 30), used={10: "100", 20: "400", 30: "200"}),
+        job("ftjob-b002", kept=(5,), used={5: "300"}),
+        job("ftjob-b003", model="other", kept=(7,), used={7: "50"}),
+    ]
+    desired = desired_adapters(jobs, checkpoint_slots=2)
+    finals = [
+        AdapterRef(f"ft:tiny-llama:acme::b00{i}", "acme", f"ftjob-b00{i}", "tiny-llama")
+        for i in (1, 2)
+    ]
+    # The two newest uses (step 20 at 400, step 5 at 300); steps 30 and 10 wait for a slot.
+    assert desired["tiny-llama"] == sorted(
+        [*finals, checkpoint("ftjob-b001", 20), checkpoint("ftjob-b002", 5)]
+    )
+    # Each base model has slots of its own.
+    assert checkpoint("ftjob-b003", 7, "other") in desired["other"]
+    # Using step 10 again evicts the least recently used of the two (step 5).
+    jobs[0] = job("ftjob-b001", kept=(10, 20, 30), used={10: "500", 20: "400", 30: "200"})
+    desired = desired_adapters(jobs, checkpoint_slots=2)
+    assert [r.step for r in desired["tiny-llama"] if r.step] == [10, 20]
+    assert all(r.step is None for r in desired_adapters(jobs, checkpoint_slots=0)["tiny-llama"])
+
+
+def test_only_kept_checkpoints_of_served_models_are_offered() -> None:
+    used = {10: "100", 20: "200"}
+    gone = job("ftjob-c001", kept=(20,), used=used)  # step 10 was pruned since
+    assert [r.step for r in desired_adapters([gone], checkpoint_slots=4)["tiny-llama"]] == [
+        None,
+        20,
+    ]
+    for unserved in (
+        job("ftjob-c002", kept=(10,), used=used, deleted=True),
+        job("ftjob-c003", kept=(10,), used=used, adapter="full"),
+        job("ftjob-c004", kept=(10,), used=used, register=False),
+        job("ftjob-c005", kept=(10,), used=used, phase=JobPhase.RUNNING),
+    ):
+        assert desired_adapters([unserved], checkpoint_slots=4) == {}
+    # A hand-written annotation that is no time is ignored, not fatal.
+    odd = job("ftjob-c006", kept=(10, 20), used={10: "yesterday", 20: "nan"})
+    assert [r.step for r in desired_adapters([odd], checkpoint_slots=4)["tiny-llama"]] == [None]
+    assert job_adapters(odd).base_model == "tiny-llama"
+
+
+def test_a_checkpoint_ref_travels_through_the_sidecars_json() -> None:
+    ref = checkpoint("ftjob-d001", 20)
+    assert ref.to_json()["step"] == 20
+    assert AdapterRef.from_json(ref.to_json()) == ref
+    final = AdapterRef("ft:tiny-llama:acme::d001", "acme", "ftjob-d001", "tiny-llama")
+    assert "step" not in final.to_json()
+    assert AdapterRef.from_json(final.to_json()) == final
 
 
 def lora_config(**fields: Any) -> dict[str, Any]:

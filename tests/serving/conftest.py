@@ -28,6 +28,7 @@ from tests.operator.conftest import MODEL, Testbed, make_testbed  # noqa: F401 -
 
 MAX_LORA_RANK = 16
 SYNC_SECONDS = "2"
+CHECKPOINT_SLOTS = 1  # one checkpoint model per replica: the next one asked for evicts it
 
 
 @pytest.fixture(scope="session")
@@ -198,9 +199,12 @@ def start_replica(testbed: Testbed, name: str, sidecar: Sidecar) -> None:
 
 
 def serving_testbed(make: Callable[..., Testbed]) -> Testbed:
-    """An operator testbed that syncs replicas every SYNC_SECONDS."""
+    """An operator testbed that syncs replicas every SYNC_SECONDS and serves CHECKPOINT_SLOTS
+    checkpoint models per replica.
+    """
     testbed = make(start_operator=False)
     testbed.operator.env["KUBETUNE_SERVING__SYNC_SECONDS"] = SYNC_SECONDS
+    testbed.operator.env["KUBETUNE_SERVING__CHECKPOINT_SLOTS"] = str(CHECKPOINT_SLOTS)
     testbed.operator.start()
     return testbed
 

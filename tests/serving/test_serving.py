@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase
+from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase, checkpoint_used_annotation
+from kubetune.storage_layout import ADAPTER_FILES
 from tests.harness.kube import KubeCluster
 from tests.harness.vllm import VllmServer
 from tests.operator.conftest import (
@@ -29,6 +30,7 @@ from tests.operator.conftest import (
     sft_rows,
 )
 from tests.serving.conftest import (
+    CHECKPOINT_SLOTS,
     MAX_LORA_RANK,
     SYNC_SECONDS,
     VLLM_API_KEY,
@@ -49,7 +51,7 @@ TRAIN_TIMEOUT = 400.0
 JOB_SPEC: dict[str, Any] = {
     "resources": {"nodes": 1, "gpusPerNode": 0},
     "hyperparameters": {"nEpochs": 2, "batchSize": 4, "learningRateMultiplier": 10.0},
-    "checkpointing": {"everySteps": 100, "keep": 1},
+    "checkpointing": {"everySteps": 6, "keep": 2},  # 12 steps: checkpoints 6 and 12 kept
 }
 
 
@@ -157,6 +159,8 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
         kinds = {e.reason: e.type for e in testbed.kube_events(name)}
         assert kinds.get("Served") == "Normal"
 
+        use_checkpoints_on_demand(testbed, name, model, (vllm_a, vllm_b), (sidecar_a, sidecar_b))
+
         # vLLM crashes and its container restarts empty: the next push loads the adapter again.
         vllm_b.crash_and_restart()
         testbed.wait(lambda: model in vllm_b.adapters(), "reloaded after a crash", SERVE_TIMEOUT)
@@ -181,6 +185,40 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
         assert not vllm_b.adapters()
     finally:
         vllm_b.stop()
+
+
+def use_checkpoints_on_demand(
+    testbed: Testbed,
+    name: str,
+    model: str,
+    replicas: tuple[VllmServer, ...],
+    sidecars: tuple[Sidecar, ...],
+) -> None:
+    """What the API does when a checkpoint's model is asked for (it annotates its use): every
+    replica loads it — the adapter's files only, not the optimizer state — and with one slot
+    the next checkpoint asked for evicts the least recently used one everywhere.
+    """
+    assert CHECKPOINT_SLOTS == 1
+    first, second = f"{model}:ckpt-step-6", f"{model}:ckpt-step-12"
+    prompt = question("apple")
+    for checkpoint, step, when in ((first, 6, "1000"), (second, 12, "2000")):
+        testbed.kubectl(
+            "annotate", "finetunejob", name, "-n", testbed.namespace,
+            f"{checkpoint_used_annotation(step)}={when}",
+        )  # fmt: skip
+        wanted = {model, checkpoint}
+        testbed.wait(
+            lambda: all(v.adapters() == wanted for v in replicas),  # noqa: B023 - waited here
+            f"{checkpoint} served alone beside the final model",
+            SERVE_TIMEOUT,
+        )
+        for sidecar in sidecars:
+            folder = sidecar.adapter_dir / checkpoint
+            assert sorted(p.name for p in folder.iterdir()) == sorted(ADAPTER_FILES)
+            assert not (sidecar.adapter_dir / first).exists() or checkpoint == first
+        answers = {complete(v, checkpoint, prompt) for v in replicas}
+        assert len(answers) == 1, answers  # the same weights on every replica
+    assert served_on(testbed, name) == ["vllm-a", "vllm-b"]  # the final model is untouched
 
 
 def test_an_adapter_above_max_lora_rank_is_a_clear_error_on_the_job_and_in_an_event(

@@ -14,12 +14,13 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from kubetune.finetunejob import AdapterType
+from kubetune.storage_layout import ADAPTER_FILES
 from kubetune.trainer_config import TrainerConfig
 from kubetune_runtime.objectstore import ObjectNotFound, ObjectStore
 from kubetune_trainer.device import Device, weights_dtype
@@ -147,9 +148,6 @@ def load_model(folder: Path, config: TrainerConfig, device: Device) -> Any:
             code="model_not_available",
             param="model",
         ) from exc
-
-
-ADAPTER_FILES: Final = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def fetch_initial_adapter(store: ObjectStore, prefix: str, dest: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from kubetune_api.protocol import ErrorResponse
 
@@ -19,3 +20,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         503: "A dependency (Kubernetes API, object store) is unavailable",
     }.items()
 }
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any filename: an ASCII fallback plus RFC 6266's UTF-8 form."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +15,7 @@ from kubetune_api.protocol import (
     OpenAIFile,
     UploadPurpose,
 )
-from kubetune_api.routers.common import ERRORS
+from kubetune_api.routers.common import ERRORS, content_disposition
 
 router = APIRouter(prefix="/v1/files", tags=["Files"], responses=ERRORS)
 
@@ -89,9 +88,3 @@ def file_content(principal: PrincipalDep, services: ServicesDep, file_id: str) -
             "content-length": str(meta.bytes),
         },
     )
-
-
-def content_disposition(filename: str) -> str:
-    """An attachment header for any filename: an ASCII fallback plus RFC 6266's UTF-8 form."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from kubetune_api.deps import PrincipalDep, ServicesDep
-from kubetune_api.protocol import DeleteModelResponse, ListModelsResponse, Model
-from kubetune_api.routers.common import ERRORS
+from kubetune_api.protocol import (
+    DeleteModelResponse,
+    ListModelsResponse,
+    Model,
+    ModelContentFormat,
+)
+from kubetune_api.routers.common import ERRORS, content_disposition
+
+
+class ModelIdConvertor(Convertor[str]):
+    """A model id in a path: any text (ids may hold "/"), except one ending in "/content",
+    which is the download's path, so each path has one route and ``Allow`` tells the truth.
+    """
+
+    regex = r".+(?<!/content)"
+
+    def convert(self, value: str) -> str:
+        """The id as it is."""
+        return value
+
+    def to_string(self, value: str) -> str:
+        """The id as it is."""
+        return value
+
+
+register_url_convertor("model_id", ModelIdConvertor())
 
 router = APIRouter(prefix="/v1/models", tags=["Models"], responses=ERRORS)
 
@@ -17,13 +45,40 @@ def list_models(principal: PrincipalDep, services: ServicesDep) -> ListModelsRes
     return services.models.list(principal)
 
 
-@router.get("/{model:path}", response_model=Model, operation_id="retrieveModel")
+@router.get(
+    "/{model:path}/content",
+    operation_id="downloadModel",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {"schema": {"type": "string"}}}}},
+)
+def download_model(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    model: str,
+    weights: Annotated[
+        ModelContentFormat,
+        Query(alias="format", description="adapter (LoRA) or merged (a whole model)."),
+    ] = ModelContentFormat.ADAPTER,
+) -> StreamingResponse:
+    """The weights of a fine-tuned model or of one of its checkpoints, as a tar archive."""
+    archive = services.models.content(principal, model, weights)
+    return StreamingResponse(
+        archive.chunks,
+        media_type="application/x-tar",
+        headers={
+            "content-disposition": content_disposition(archive.filename),
+            "content-length": str(archive.length),
+        },
+    )
+
+
+@router.get("/{model:model_id}", response_model=Model, operation_id="retrieveModel")
 def retrieve_model(principal: PrincipalDep, services: ServicesDep, model: str) -> Model:
     """One model."""
     return services.models.retrieve(principal, model)
 
 
-@router.delete("/{model:path}", response_model=DeleteModelResponse, operation_id="deleteModel")
+@router.delete("/{model:model_id}", response_model=DeleteModelResponse, operation_id="deleteModel")
 def delete_model(principal: PrincipalDep, services: ServicesDep, model: str) -> DeleteModelResponse:
     """Delete a fine-tuned model and unload it from serving."""
     return services.models.delete(principal, model)

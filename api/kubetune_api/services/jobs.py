@@ -111,23 +111,10 @@ class JobService:
         return ModelChoice(self._catalogue_model(model))
 
     def _continued(self, principal: Principal, model: str) -> ModelChoice:
-        name, step = split_checkpoint_model(model)
-        job = self.find_fine_tuned(principal, name)
-        if job is None:
-            raise InvalidRequest(
-                f"Model {model} does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_available",
-            )
-        steps = [c.step for c in (job.status.checkpoints if job.status else [])]
-        if step is not None and step not in steps:
-            kept = ", ".join(f"{name}{CHECKPOINT_MODEL_MARK}{s}" for s in sorted(steps))
-            raise InvalidRequest(
-                f"Model {model} does not exist: that checkpoint is not kept. Its job keeps "
-                f"{kept or 'no checkpoints'}.",
-                param="model",
-                code="model_not_available",
-            )
+        try:
+            job, step = self.fine_tuned_model(principal, model)
+        except NotFound as exc:  # for a job's ``model`` field, that is a bad request
+            raise InvalidRequest(exc.message, param="model", code="model_not_available") from None
         if job.spec.adapter.type is AdapterType.FULL:
             raise InvalidRequest(
                 f"Model {model} is a full fine-tune; training can continue from an adapter "
@@ -174,6 +161,30 @@ class JobService:
                     f"invalid {param}: {mismatch}", param=param, code="invalid_file_format"
                 )
         return meta
+
+    def fine_tuned_model(self, principal: Principal, model: str) -> tuple[FineTuneJob, int | None]:
+        """The org's job behind the fine-tuned ``model`` and, for a checkpoint's model
+        (``…:ckpt-step-N``), its step; 404 for another org's model, a deleted one, or a
+        checkpoint its job no longer keeps (the message lists those it keeps).
+        """
+        name, step = split_checkpoint_model(model)
+        job = self.find_fine_tuned(principal, name) if name.startswith("ft:") else None
+        if job is None:
+            raise NotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        kept = sorted(c.step for c in (job.status.checkpoints if job.status else []))
+        if step is not None and step not in kept:
+            names = ", ".join(f"{name}{CHECKPOINT_MODEL_MARK}{s}" for s in kept)
+            raise NotFound(
+                f"The model '{model}' does not exist: that checkpoint is not kept. Its job "
+                f"keeps {names or 'no checkpoints'}.",
+                param="model",
+                code="model_not_found",
+            )
+        return job, step
 
     def find_fine_tuned(self, principal: Principal, model: str) -> FineTuneJob | None:
         """The org's succeeded, undeleted job that produced ``model``.

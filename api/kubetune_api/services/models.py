@@ -1,14 +1,48 @@
-"""Models: the base-model catalogue plus the org's fine-tuned models."""
+"""Models: the base-model catalogue plus the org's fine-tuned models, and the weights of a
+fine-tuned model or of one of its checkpoints as a download.
+"""
 
 from __future__ import annotations
 
-from kubetune.finetunejob import FineTuneJob, JobPhase
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from kubetune.finetunejob import AdapterType, FineTuneJob, JobPhase
 from kubetune.ids import id_timestamp
+from kubetune.storage_layout import MANIFEST_NAME
+from kubetune_api.archive import Member, archive_length, stream_archive
 from kubetune_api.auth import Principal
 from kubetune_api.backends.base import ANNOTATION_MODEL_DELETED, JobBackend
-from kubetune_api.errors import NotFound, PermissionDenied
-from kubetune_api.protocol import DeleteModelResponse, ListModelsResponse, Model
+from kubetune_api.errors import InvalidRequest, NotFound, PermissionDenied
+from kubetune_api.protocol import (
+    DeleteModelResponse,
+    ListModelsResponse,
+    Model,
+    ModelContentFormat,
+)
 from kubetune_api.services.jobs import JobService
+
+# What a checkpoint holds besides the weights, only to resume training (Trainer's and
+# DeepSpeed's state): never part of a download.
+_TRAINING_STATE: Final = re.compile(
+    r"^(optimizer|scheduler|rng_state|trainer_state|training_args|global_step|scaler)"
+)
+
+
+@dataclass(frozen=True)
+class ModelArchive:
+    """A model's weights as a tar archive: its file name, exact length and bytes."""
+
+    filename: str
+    length: int
+    chunks: Iterator[bytes]
+
+
+def archive_folder(model: str) -> str:
+    """The folder a model's files are in inside its archive (a name any file system takes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
 
 
 def _fine_tuned_model(job: FineTuneJob) -> Model:
@@ -79,3 +113,58 @@ class ModelService:
         # The job driver (operator or local mode) unloads annotated models from every replica.
         self.backend.annotate(principal.org, job.metadata.name, {ANNOTATION_MODEL_DELETED: "true"})
         return DeleteModelResponse(id=model, deleted=True)
+
+    def content(self, principal: Principal, model: str, fmt: ModelContentFormat) -> ModelArchive:
+        """The weights of a fine-tuned model or checkpoint (``ft:…[:ckpt-step-N]``) as a tar
+        archive: the LoRA adapter (``adapter``), or the whole model (``merged``: what a full
+        fine-tune trained). The optimizer state a checkpoint keeps for resuming is left out.
+        """
+        if self.jobs.base_model(model) is not None:
+            raise InvalidRequest(
+                f"The model '{model}' is a base model: its weights come from where the "
+                "deployment's catalogue takes them, not from this API.",
+                param="model",
+                code="model_not_downloadable",
+            )
+        job, step = self.jobs.fine_tuned_model(principal, model)
+        _check_format(job, model, fmt)
+        store, layout = self.jobs.store, self.jobs.layout
+        org, job_id = job.spec.org, job.metadata.name
+        if not store.exists(layout.model_manifest_key(org, job_id, step)):
+            raise NotFound(
+                f"The weights of '{model}' are no longer stored.",
+                param="model",
+                code="model_not_found",
+            )
+        prefix = layout.model_prefix(org, job_id, step)
+        folder = archive_folder(model)
+        members = [
+            Member(f"{folder}/{rel}", info.key, info.size, info.last_modified.timestamp())
+            for info in store.list(prefix)
+            if not _TRAINING_STATE.match(rel := info.key[len(prefix) :])
+        ]
+        # The manifest (every file's sha256) goes last, as it was written.
+        members.sort(key=lambda m: (m.name.endswith(f"/{MANIFEST_NAME}"), m.name))
+        return ModelArchive(
+            f"{folder}.tar", archive_length(members), stream_archive(store, members)
+        )
+
+
+def _check_format(job: FineTuneJob, model: str, fmt: ModelContentFormat) -> None:
+    """A LoRA model downloads as its adapter; a full fine-tune as the whole model."""
+    full = job.spec.adapter.type is AdapterType.FULL
+    if fmt is ModelContentFormat.ADAPTER and full:
+        raise InvalidRequest(
+            f"The model '{model}' is a full fine-tune: it has no adapter. Download it with "
+            "format=merged.",
+            param="format",
+            code="format_not_available",
+        )
+    if fmt is ModelContentFormat.MERGED and not full:
+        raise InvalidRequest(
+            f"Merged weights of the LoRA model '{model}' are not available: download "
+            "format=adapter and merge it with PEFT (PeftModel.from_pretrained(base, "
+            "folder).merge_and_unload()).",
+            param="format",
+            code="format_not_available",
+        )
