@@ -1,8 +1,10 @@
 """kubetune end to end with the official OpenAI SDK, against a running ``make run`` server.
 
 Uploads a small chat dataset, fine-tunes the base model on it, follows the job's events with a
-progress bar, lists its checkpoints, then asks the base model and the fine-tuned model the same
-question through the same base URL.
+progress bar, lists its checkpoints, then asks the base model, the fine-tuned model and its
+earliest checkpoint the same question through the same base URL. Then it continues training
+the fine-tuned model for one more epoch (``model=ft:…``: its adapter's weights go on training)
+and downloads the adapter (``kubetune models download``'s code) into a temporary folder.
 
     make run      # in one terminal
     make demo     # in another
@@ -18,14 +20,21 @@ import io
 import json
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from kubetune_cli.download import download_model
 
 BASE_MODEL: Final = "tiny-llama"
 SYSTEM: Final = "You are a helpful assistant."
@@ -105,10 +114,14 @@ def upload(client: OpenAI, data: bytes) -> str:
     return file.id
 
 
-def create_job(client: OpenAI, training_file: str, *, n_epochs: int = 3) -> FineTuningJob:
-    """Start fine-tuning the base model on the file (LoRA; a high rate: the model is tiny)."""
+def create_job(
+    client: OpenAI, training_file: str, *, n_epochs: int = 3, model: str = BASE_MODEL
+) -> FineTuningJob:
+    """Start fine-tuning ``model`` on the file (LoRA; a high rate: the model is tiny); a
+    fine-tuned model (``ft:…``) continues training its adapter.
+    """
     return client.fine_tuning.jobs.create(
-        model=BASE_MODEL,
+        model=model,
         training_file=training_file,
         suffix="pirate",
         method={
@@ -174,50 +187,103 @@ def answer(client: OpenAI, model: str, question: str = QUESTION) -> str:
     return reply.choices[0].message.content or ""
 
 
-def main() -> int:
-    """Run the demo, printing as it goes."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-    from rich.table import Table
+def losses(events: list[FineTuningJobEvent]) -> list[float]:
+    """The training loss of each step, in step order, from a job's metrics events."""
+    rows = {}
+    for event in events:
+        data = event.data if isinstance(event.data, dict) else {}
+        if event.type == "metrics" and data.get("train_loss") is not None:
+            rows[int(data["step"])] = float(data["train_loss"])
+    return [rows[step] for step in sorted(rows)]
 
-    console = Console()
-    client = connect()
-    console.print(f"[bold]kubetune demo[/] against {client.base_url}")
-    file_id = upload(client, dataset())
-    console.print(f"Uploaded the training file {file_id}")
-    job = create_job(client, file_id)
-    console.print(f"Created {job.id} on {BASE_MODEL}\n")
+
+@dataclass
+class Trained:
+    """A finished job and the events it sent."""
+
+    job: FineTuningJob
+    events: list[FineTuningJobEvent]
+    steps: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class DemoRun:
+    """What the demo did: the first job, the job that continued it, the downloaded adapter."""
+
+    first: Trained
+    checkpoint: str
+    continued: Trained | None = None
+    download: Path | None = None
+
+
+def train(client: OpenAI, console: Console, job: FineTuningJob) -> Trained:
+    """Follow ``job`` with a progress bar, printing its events, until it finishes."""
+    result = Trained(job, [])
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), console=console
     ) as progress:
         task = progress.add_task("training", total=None)
 
         def show(event: FineTuningJobEvent) -> None:
+            result.events.append(event)
             if event.type != "metrics":  # the bar shows those
                 progress.console.print(f"  [dim]{event.level}[/] {event.message}")
 
         def on_step(step: int, total: int) -> None:
+            result.steps.append((step, total))
             progress.update(task, completed=step, total=total, description=f"step {step}/{total}")
 
-        job = follow(
-            client,
-            job.id,
-            on_event=show,
-            on_step=on_step,
-        )
-    if job.status != "succeeded" or job.fine_tuned_model is None:
-        console.print(f"[red]The job {job.status}[/]: {job.error}")
-        return 1
+        result.job = follow(client, job.id, on_event=show, on_step=on_step, poll=0.5)
+    return result
+
+
+def run(client: OpenAI, console: Console, download_to: Path) -> DemoRun | None:
+    """The whole demo: fine-tune, chat with the model and a checkpoint, continue training from
+    the model, download its adapter. None if a job did not succeed.
+    """
+    console.print(f"[bold]kubetune demo[/] against {client.base_url}")
+    file_id = upload(client, dataset())
+    console.print(f"Uploaded the training file {file_id}")
+    job = create_job(client, file_id)
+    console.print(f"Created {job.id} on {BASE_MODEL}\n")
+    first = train(client, console, job)
+    model = first.job.fine_tuned_model
+    if first.job.status != "succeeded" or model is None:
+        console.print(f"[red]The job {first.job.status}[/]: {first.job.error}")
+        return None
     table = Table("step", "checkpoint", "train loss", title="Checkpoints")
-    for step, name, loss in checkpoints(client, job.id):
+    kept = list(checkpoints(client, job.id))
+    for step, name, loss in kept:
         table.add_row(str(step), name, f"{loss:.3f}" if loss is not None else "")
     console.print(table)
-    models = [m.id for m in client.models.list()]
-    console.print(f"Models: {', '.join(models)}\n")
+    console.print(f"Models: {', '.join(m.id for m in client.models.list())}\n")
+    earliest = min(kept)[1]  # a checkpoint's model answers too, loaded on demand
     console.print(f"[bold]Q:[/] {QUESTION}")
-    console.print(f"  [cyan]{BASE_MODEL}[/]: {answer(client, BASE_MODEL)!r}")
-    console.print(f"  [green]{job.fine_tuned_model}[/]: {answer(client, job.fine_tuned_model)!r}")
-    return 0
+    for name, colour in ((BASE_MODEL, "cyan"), (model, "green"), (earliest, "yellow")):
+        console.print(f"  [{colour}]{name}[/]: {answer(client, name)!r}")
+    demo = DemoRun(first, earliest)
+
+    console.print(f"\n[bold]Continuing training[/] from {model} (one more epoch)")
+    demo.continued = train(client, console, create_job(client, file_id, model=model, n_epochs=1))
+    if demo.continued.job.status != "succeeded":
+        console.print(f"[red]The job {demo.continued.job.status}[/]: {demo.continued.job.error}")
+        return None
+    fresh, more = losses(first.events), losses(demo.continued.events)
+    console.print(
+        f"The continued job's first loss is {more[0]:.3f}: it starts where {model} ended "
+        f"({fresh[-1]:.3f}), not where a fresh adapter starts ({fresh[0]:.3f})."
+    )
+
+    demo.download = download_model(client, model, "adapter", download_to, extract=True)
+    files = ", ".join(f"{p.name} ({p.stat().st_size:,} B)" for p in sorted(demo.download.iterdir()))
+    console.print(f"\nDownloaded the adapter of {model} to {demo.download}: {files}")
+    return demo
+
+
+def main() -> int:
+    """Run the demo, printing as it goes."""
+    target = Path(tempfile.mkdtemp(prefix="kubetune-demo-")) / "adapter"
+    return 0 if run(connect(), Console(), target) is not None else 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ share that server, so they run in this order.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
+from rich.console import Console
 
 from examples import demo
 from tests.local.server import LocalServer, processes_using
@@ -58,20 +62,22 @@ def client(server: LocalServer) -> OpenAI:
 
 
 @pytest.fixture(scope="module")
-def finished_demo(client: OpenAI) -> dict[str, Any]:
-    """The demo's flow: upload, fine-tune, follow the events to the end."""
-    job = demo.create_job(client, demo.upload(client, demo.dataset()))
-    events: list[Any] = []
-    steps: list[tuple[int, int]] = []
-    done = demo.follow(
-        client,
-        job.id,
-        on_event=events.append,
-        on_step=lambda step, total: steps.append((step, total)),
-        poll=0.5,
-        timeout=600,
-    )
-    return {"job": done, "events": events, "steps": steps}
+def finished_demo(client: OpenAI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What ``make demo`` does: upload, fine-tune, follow the events to the end, chat, continue
+    training from the result, download its adapter.
+    """
+    printed = io.StringIO()
+    target = tmp_path_factory.mktemp("demo") / "adapter"
+    result = demo.run(client, Console(file=printed, width=200), target)
+    assert result is not None, printed.getvalue()
+    first = result.first
+    return {
+        "job": first.job,
+        "events": first.events,
+        "steps": first.steps,
+        "run": result,
+        "printed": printed.getvalue(),
+    }
 
 
 def test_first_start_prints_how_to_connect(server: LocalServer) -> None:
@@ -107,6 +113,41 @@ def test_demo_fine_tunes_and_serves_the_model(
     tuned = demo.answer(client, job.fine_tuned_model)
     assert tuned != base
     assert tuned.startswith("Arr"), tuned  # what the dataset taught
+
+
+def test_demo_continues_training_and_downloads_the_adapter(
+    client: OpenAI, finished_demo: dict[str, Any]
+) -> None:
+    run: demo.DemoRun = finished_demo["run"]
+    model = run.first.job.fine_tuned_model
+    assert run.checkpoint.startswith(f"{model}:ckpt-step-")
+    assert f"{run.checkpoint}: " in finished_demo["printed"]  # it answered
+    assert run.continued is not None
+    continued = run.continued.job
+    assert continued.status == "succeeded", continued.error
+    assert continued.model == model
+    assert continued.fine_tuned_model is not None
+    assert continued.fine_tuned_model.startswith(FT_PREFIX)
+    assert continued.fine_tuned_model != model
+    fresh, more = demo.losses(run.first.events), demo.losses(run.continued.events)
+    # The adapter's weights went on training: the first loss is near where the first job
+    # ended (within a fifth of what it learned), far from where a fresh adapter starts.
+    learned = fresh[0] - fresh[-1]
+    assert learned > 1.0, fresh
+    assert more[0] - fresh[-1] < learned / 5, (fresh, more)
+    assert "Continuing training" in finished_demo["printed"]
+
+    assert run.download is not None
+    # Exactly what the trainer published (the adapter, its tokenizer and chat template), intact.
+    files = {p.name for p in run.download.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= files
+    manifest = json.loads((run.download / "manifest.json").read_text())
+    assert files == {*manifest["files"], "manifest.json"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((run.download / name).read_bytes()).hexdigest() == digest
+    config = json.loads((run.download / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["r"] == (run.first.job.model_extra or {})["adapter"]["r"]
 
 
 def test_inference_proxy(
