@@ -659,6 +659,18 @@ class FineTuneJobStatus(CRModel):
     finished_at: datetime | None = Field(
         default=None, description="When the job reached a terminal phase."
     )
+    running_since: datetime | None = Field(
+        default=None,
+        description="Since when the job's workers run (phase running or pausing); unset "
+        "between runs.",
+    )
+    run_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds the job's workers ran in its finished runs (the current one, "
+        "since runningSince, not included). Its GPU-seconds are this times the GPUs it asked "
+        "for.",
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -7,9 +7,10 @@ writes anything.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Final
 
-from kubetune.finetunejob import JobPhase
+from kubetune.finetunejob import FineTuneJobStatus, JobPhase
 
 TERMINAL_PHASES: Final = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED})
 
@@ -36,6 +37,8 @@ CANCELLABLE: Final = frozenset(
     if p is not None and JobPhase.CANCELLED in targets
 )
 PAUSABLE: Final = frozenset({JobPhase.QUEUED, JobPhase.RUNNING})
+# Phases in which the job's workers hold their nodes (and GPUs): what usage counts.
+WORKER_PHASES: Final = frozenset({JobPhase.RUNNING, JobPhase.PAUSING})
 RESUMABLE: Final = frozenset({JobPhase.PAUSED, JobPhase.PAUSING})
 
 
@@ -54,3 +57,11 @@ def progress_text(step: int, total_steps: int | None) -> str | None:
     if total_steps is None:
         return None
     return f"{step}/{total_steps}"
+
+
+def run_seconds(status: FineTuneJobStatus, now: datetime) -> float:
+    """Seconds the job's workers have run in all, up to ``now`` (the current run included)."""
+    current = 0.0
+    if status.running_since is not None:
+        current = max(0.0, (now - status.running_since).total_seconds())
+    return status.run_seconds + current

@@ -55,6 +55,8 @@ VLLM_PORT: Final = 8000
 
 #: Phases as the ``phase`` label carries them: the values of ``kubetune.finetunejob.JobPhase``.
 PHASE_LABEL: Final = "phase"
+#: The tenant a job belongs to (``spec.org``): what usage is charged to.
+ORG_LABEL: Final = "org"
 
 # ---------------------------------------------------------------------------------------------
 # Operator (``python -m kubetune_operator``, metrics on OPERATOR_METRICS_PORT at /metrics)
@@ -68,8 +70,27 @@ OPERATOR_JOBS = MetricSpec(
 OPERATOR_JOBS_FINISHED = MetricSpec(
     "kubetune_operator_jobs_finished_total",
     MetricType.COUNTER,
-    "Jobs that reached a terminal phase (succeeded, failed, cancelled), by that phase.",
-    (PHASE_LABEL,),
+    "Jobs that reached a terminal phase (succeeded, failed, cancelled), by org and that phase.",
+    (ORG_LABEL, PHASE_LABEL),
+)
+OPERATOR_GPU_SECONDS = MetricSpec(
+    "kubetune_operator_gpu_seconds_total",
+    MetricType.COUNTER,
+    "GPU-seconds the jobs' workers held (running or pausing, times the GPUs asked for), by "
+    "org; a run is counted when it ends (a pause, a preemption, the end of the job).",
+    (ORG_LABEL,),
+)
+OPERATOR_TRAINED_TOKENS = MetricSpec(
+    "kubetune_operator_trained_tokens_total",
+    MetricType.COUNTER,
+    "Tokens trained by the jobs that finished (their trained_tokens), by org.",
+    (ORG_LABEL,),
+)
+OPERATOR_GPUS_IN_USE = MetricSpec(
+    "kubetune_operator_gpus_in_use",
+    MetricType.GAUGE,
+    "GPUs held now by the workers of running or pausing jobs, by org.",
+    (ORG_LABEL,),
 )
 OPERATOR_QUEUE_WAIT = MetricSpec(
     "kubetune_operator_queue_wait_seconds",
@@ -177,6 +198,9 @@ TRAINER_CHECKPOINTS = MetricSpec(
 OPERATOR_METRICS: Final = (
     OPERATOR_JOBS,
     OPERATOR_JOBS_FINISHED,
+    OPERATOR_GPU_SECONDS,
+    OPERATOR_TRAINED_TOKENS,
+    OPERATOR_GPUS_IN_USE,
     OPERATOR_QUEUE_WAIT,
     OPERATOR_QUEUE_OLDEST,
     OPERATOR_RUN_SECONDS,

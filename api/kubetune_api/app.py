@@ -35,7 +35,15 @@ from kubetune_api.errors import (
 from kubetune_api.guard import RequestGuard
 from kubetune_api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from kubetune_api.ratelimit import RateLimiter
-from kubetune_api.routers import files, fine_tuning, inference, models, uploads, webhooks
+from kubetune_api.routers import (
+    files,
+    fine_tuning,
+    inference,
+    models,
+    uploads,
+    usage,
+    webhooks,
+)
 from kubetune_api.services.files import FileService
 from kubetune_api.services.inference import InferenceService
 from kubetune_api.services.jobs import JobService
@@ -235,6 +243,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(models.router)
     app.include_router(uploads.router)
     app.include_router(webhooks.router)
+    app.include_router(usage.router)
     app.include_router(inference.router)
     return app
 

@@ -589,3 +589,51 @@ class InferenceRequest(BaseModel):
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     stream: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage (the shape of OpenAI's organization usage API: pages of time buckets of results)
+# ---------------------------------------------------------------------------------------------
+
+
+class BucketWidth(StrEnum):
+    """How long one bucket of a usage page is."""
+
+    HOUR = "1h"
+    DAY = "1d"
+
+
+class FineTuningUsageResult(Wire):
+    """An org's fine-tuning in one bucket: jobs created in it; jobs that finished in it, with
+    the tokens they trained and the time their workers ran.
+    """
+
+    object: Literal["organization.usage.fine_tuning.result"] = (
+        "organization.usage.fine_tuning.result"
+    )
+    org: str
+    jobs_created: int
+    jobs_succeeded: int
+    jobs_failed: int
+    jobs_cancelled: int
+    trained_tokens: int
+    run_seconds: float
+    gpu_seconds: float
+
+
+class UsageBucket(Wire):
+    """One time bucket, [start_time, end_time)."""
+
+    object: Literal["bucket"] = "bucket"
+    start_time: int
+    end_time: int
+    results: list[FineTuningUsageResult]
+
+
+class UsagePage(Wire):
+    """Buckets, oldest first; ``next_page`` continues after the last."""
+
+    object: Literal["page"] = "page"
+    data: list[UsageBucket]
+    has_more: bool
+    next_page: str | None

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 from collections.abc import Iterable
@@ -24,9 +25,19 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
+from pydantic import ValidationError
 
-from kubetune.finetunejob import GROUP, KIND, PLURAL, VERSION, ConditionType, FineTuneJob, JobPhase
-from kubetune.lifecycle import is_terminal
+from kubetune.finetunejob import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    ConditionType,
+    FineTuneJob,
+    JobPhase,
+    Resources,
+)
+from kubetune.lifecycle import WORKER_PHASES, is_terminal
 from kubetune_operator.context import OperatorContext
 from kubetune_operator.kueue import KUEUE_WORKLOAD, Admission, admission, owner_name
 from kubetune_operator.loops import ChangePoller, Wait, failure_logger, on_active_peer
@@ -64,13 +75,18 @@ def owner_key(namespace: str | None, body: Any) -> tuple[str | None, str] | None
     return None
 
 
-def indexed_job(name: str, status: Any) -> IndexedJob:
+def indexed_job(name: str, status: Any, spec: Any = None) -> IndexedJob:
     """What the FineTuneJob index keeps for the metrics."""
     queued_since = None
     for cond in (status or {}).get("conditions") or []:
         if cond.get("type") == ConditionType.QUEUED and cond.get("status") == "True":
             queued_since = parse_time(cond.get("lastTransitionTime"))
-    return IndexedJob(name=name, queued_since=queued_since)
+    spec = spec or {}
+    gpus = 0
+    if _phase(status) in WORKER_PHASES:
+        with contextlib.suppress(ValidationError):  # the CRD's schema keeps this from failing
+            gpus = Resources.model_validate(spec.get("resources") or {}).gpus
+    return IndexedJob(name, queued_since, org=str(spec.get("org") or "default"), gpus=gpus)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
@@ -155,11 +171,11 @@ def _register_indexes(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> 
 
     @kopf.index(GROUP, VERSION, PLURAL, id="finetunejob_phases", registry=registry)
     def finetunejob_phases(
-        name: str, status: kopf.Status, **_: Any
+        name: str, status: kopf.Status, spec: kopf.Spec, **_: Any
     ) -> dict[str, IndexedJob] | None:
-        """FineTuneJobs by phase (the metrics' job gauge)."""
+        """FineTuneJobs by phase (the metrics' job and GPU gauges)."""
         phase = _phase(status)
-        return {phase.value: indexed_job(name, status)} if phase else None
+        return {phase.value: indexed_job(name, status, spec)} if phase else None
 
 
 def _register_jobs(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:

@@ -24,12 +24,15 @@ from kubetune.observability import (
     OPERATOR_ADAPTER_REGISTRATION_SECONDS,
     OPERATOR_ADAPTER_REGISTRATIONS,
     OPERATOR_ADAPTERS_LOADED,
+    OPERATOR_GPU_SECONDS,
+    OPERATOR_GPUS_IN_USE,
     OPERATOR_JOBS,
     OPERATOR_JOBS_FINISHED,
     OPERATOR_QUEUE_OLDEST,
     OPERATOR_QUEUE_WAIT,
     OPERATOR_RECONCILE_ERRORS,
     OPERATOR_RUN_SECONDS,
+    OPERATOR_TRAINED_TOKENS,
     MetricSpec,
 )
 
@@ -46,6 +49,8 @@ class IndexedJob:
 
     name: str
     queued_since: datetime | None
+    org: str = ""
+    gpus: int = 0  # GPUs its workers hold now (running or pausing), else 0
 
 
 def _counter(spec: MetricSpec, registry: CollectorRegistry) -> Counter:
@@ -59,7 +64,9 @@ def _histogram(
 
 
 class JobsCollector(Collector):
-    """Jobs by phase and the oldest queued job, read from kopf's index at scrape time."""
+    """Jobs by phase, the oldest queued job and the GPUs in use by org, read from kopf's index
+    at scrape time.
+    """
 
     def __init__(self, snapshot: Callable[[], Iterable[tuple[str, IndexedJob]]]) -> None:
         self._snapshot = snapshot
@@ -79,6 +86,16 @@ class JobsCollector(Collector):
         for phase, count in counts.items():
             jobs.add_metric([phase], count)
         yield jobs
+        gpus: dict[str, int] = {}
+        for _, job in self._snapshot():
+            if job.gpus:
+                gpus[job.org] = gpus.get(job.org, 0) + job.gpus
+        in_use = GaugeMetricFamily(
+            OPERATOR_GPUS_IN_USE.name, OPERATOR_GPUS_IN_USE.help, labels=OPERATOR_GPUS_IN_USE.labels
+        )
+        for org, count in sorted(gpus.items()):
+            in_use.add_metric([org], count)
+        yield in_use
         yield GaugeMetricFamily(
             OPERATOR_QUEUE_OLDEST.name, OPERATOR_QUEUE_OLDEST.help, value=oldest
         )
@@ -107,6 +124,8 @@ class OperatorMetrics:
 
     def __post_init__(self) -> None:
         self.jobs_finished = _counter(OPERATOR_JOBS_FINISHED, self.registry)
+        self.gpu_seconds = _counter(OPERATOR_GPU_SECONDS, self.registry)
+        self.trained_tokens = _counter(OPERATOR_TRAINED_TOKENS, self.registry)
         self.queue_wait = _histogram(OPERATOR_QUEUE_WAIT, self.registry, QUEUE_BUCKETS)
         self.run_seconds = _histogram(OPERATOR_RUN_SECONDS, self.registry, RUN_BUCKETS)
         self.reconcile_errors = _counter(OPERATOR_RECONCILE_ERRORS, self.registry)
@@ -129,6 +148,7 @@ class OperatorMetrics:
         self,
         target: JobPhase,
         *,
+        org: str,
         first_start: bool,
         created_at: datetime | None,
         started_at: datetime | None,
@@ -138,11 +158,18 @@ class OperatorMetrics:
         if target is JobPhase.RUNNING and first_start and created_at and started_at:
             self.queue_wait.observe(max(0.0, (started_at - created_at).total_seconds()))
         if target in TERMINAL_PHASES:
-            self.jobs_finished.labels(target.value).inc()
+            self.jobs_finished.labels(org, target.value).inc()
             if started_at is not None:
                 self.run_seconds.labels(target.value).observe(
                     max(0.0, (now - started_at).total_seconds())
                 )
+
+    def used(self, org: str, *, gpu_seconds: float, trained_tokens: int) -> None:
+        """Add to ``org``'s usage counters."""
+        if gpu_seconds:
+            self.gpu_seconds.labels(org).inc(gpu_seconds)
+        if trained_tokens:
+            self.trained_tokens.labels(org).inc(trained_tokens)
 
 
 async def serve(metrics: OperatorMetrics, host: str, port: int) -> Any:

@@ -62,6 +62,7 @@ from kubetune_runtime.reconcile import (
     observe_training,
     status_patch,
     trainer_stopped,
+    usage_delta,
     validated,
 )
 from kubetune_runtime.serving import AdapterServing, plan_serving
@@ -210,12 +211,17 @@ class TransitionMetrics(Protocol):
         self,
         target: JobPhase,
         *,
+        org: str,
         first_start: bool,
         created_at: datetime | None,
         started_at: datetime | None,
         now: datetime,
     ) -> None:
-        """Record one transition to ``target``."""
+        """Record one transition of a job of ``org`` to ``target``."""
+        ...  # pragma: no cover - protocol
+
+    def used(self, org: str, *, gpu_seconds: float, trained_tokens: int) -> None:
+        """Add to ``org``'s usage (see :func:`~kubetune_runtime.reconcile.usage_delta`)."""
         ...  # pragma: no cover - protocol
 
 
@@ -521,6 +527,7 @@ class JobDriver(Generic[W]):
             if self.metrics is not None:
                 self.metrics.transitioned(
                     transition.target,
+                    org=job.spec.org,
                     first_start=first_start,
                     created_at=job.metadata.creation_timestamp,
                     started_at=status.started_at,
@@ -528,9 +535,18 @@ class JobDriver(Generic[W]):
                 )
             control.extend(job_events(transition, status))
         control.extend(notice_event(n) for n in outcome.notices if n.job_event)
+        self._count_usage(job, status)
         self._post(result, (*outcome.transitions, *outcome.notices))
         self._write_events(result.job, control)
         return bool(outcome.transitions)
+
+    def _count_usage(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
+        """Add what the status change used to the org's usage metrics."""
+        if self.metrics is None:
+            return
+        gpu_seconds, tokens = usage_delta(job.status, status, job.spec.resources.gpus)
+        if gpu_seconds or tokens:
+            self.metrics.used(job.spec.org, gpu_seconds=gpu_seconds, trained_tokens=tokens)
 
     def _post(self, result: PassResult, events: Iterable[Transition | Notice]) -> None:
         for event in events:

@@ -30,7 +30,14 @@ from kubetune.finetunejob import (
     JobPhase,
     MethodType,
 )
-from kubetune.lifecycle import ALLOWED_TRANSITIONS, TERMINAL_PHASES, is_terminal, progress_text
+from kubetune.lifecycle import (
+    ALLOWED_TRANSITIONS,
+    TERMINAL_PHASES,
+    WORKER_PHASES,
+    is_terminal,
+    progress_text,
+    run_seconds,
+)
 from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind, event_kind
 from kubetune_runtime.observed import Observed
@@ -307,6 +314,7 @@ def advance(
         conditions = list(status.conditions)
         if phase is JobPhase.RUNNING and status.started_at is None:
             updates["started_at"] = now
+        updates |= _run_clock(status, phase, now)
         if phase in TERMINAL_PHASES:
             updates["finished_at"] = now
             updates["estimated_finish"] = None
@@ -334,6 +342,29 @@ def advance(
         status = status.model_copy(update=updates)
         transitions.append(_event_for(source, phase, status))
     return status, transitions
+
+
+def _run_clock(status: FineTuneJobStatus, phase: JobPhase, now: datetime) -> dict[str, Any]:
+    """Start the run clock when the workers start; add the run to ``runSeconds`` when they
+    stop (a pause, a preemption back to the queue, the end of the job).
+    """
+    if phase in WORKER_PHASES and status.running_since is None:
+        return {"running_since": now}
+    if phase not in WORKER_PHASES and status.running_since is not None:
+        return {"run_seconds": run_seconds(status, now), "running_since": None}
+    return {}
+
+
+def usage_delta(
+    old: FineTuneJobStatus | None, new: FineTuneJobStatus, gpus: int
+) -> tuple[float, int]:
+    """What a status change adds to its org's usage: the GPU-seconds of a run that ended, and
+    the trained tokens of a job that finished (counted once, as OpenAI reports them).
+    """
+    before = old or FineTuneJobStatus()
+    gpu_seconds = max(0.0, new.run_seconds - before.run_seconds) * gpus
+    finished = new.phase in TERMINAL_PHASES and before.phase not in TERMINAL_PHASES
+    return gpu_seconds, new.trained_tokens if finished else 0
 
 
 def trainer_stopped(events: Sequence[JobEvent]) -> bool:

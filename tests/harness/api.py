@@ -15,7 +15,7 @@ from tests.harness.openapi import check_response
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 
-ORGS = ("acme", "globex")
+ORGS = ("acme", "globex", "initech")  # initech: tests that need an org of their own
 
 
 @dataclass
@@ -155,6 +155,9 @@ def backend_env(
     return env
 
 
+ADMIN = ":admin"  # the suffix of an org's admin key in ApiServer.keys
+
+
 def start_api(
     data_dir: Path,
     env: dict[str, str],
@@ -167,13 +170,19 @@ def start_api(
     is ready (``/readyz``), or only alive (``/healthz``: its store is down).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    keys = {org: new_api_key() for org in orgs}
+    # A member key per org (``client(org)``) and an admin key (``client(f"{org}{ADMIN}")``).
+    keys = {who: new_api_key() for org in orgs for who in (org, f"{org}{ADMIN}")}
     keys_file = data_dir / "keys.json"
     keys_file.write_text(
         json.dumps(
             [
-                {"name": f"{org}-key", "org": org, "role": "member", "sha256": hash_key(key)}
-                for org, key in keys.items()
+                {
+                    "name": f"{who.replace(ADMIN, '-admin')}-key",
+                    "org": who.removesuffix(ADMIN),
+                    "role": "admin" if who.endswith(ADMIN) else "member",
+                    "sha256": hash_key(key),
+                }
+                for who, key in keys.items()
             ]
         )
     )

@@ -31,7 +31,56 @@ def _spec() -> dict[str, Any]:
         schemas["ListFilesResponse"]["properties"][name] = {
             "anyOf": [{"type": "string"}, {"type": "null"}]
         }
+    schemas["UsageResponse"] = USAGE_RESPONSE
     return spec
+
+
+# The envelope of OpenAI's organization usage API (its ``UsageResponse`` and ``UsageTimeBucket``,
+# not in this subset of its document), with the result object of kubetune's fine-tuning usage.
+_COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+_SECONDS: dict[str, Any] = {"type": "number", "minimum": 0}
+USAGE_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "data", "has_more", "next_page"],
+    "additionalProperties": False,
+    "properties": {
+        "object": {"const": "page"},
+        "has_more": {"type": "boolean"},
+        "next_page": {"type": ["string", "null"]},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "start_time", "end_time", "results"],
+                "additionalProperties": False,
+                "properties": {
+                    "object": {"const": "bucket"},
+                    "start_time": {"type": "integer"},
+                    "end_time": {"type": "integer"},
+                    "results": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["object", "org"],
+                            "properties": {
+                                "object": {"const": "organization.usage.fine_tuning.result"},
+                                "org": {"type": "string"},
+                                "jobs_created": _COUNT,
+                                "jobs_succeeded": _COUNT,
+                                "jobs_failed": _COUNT,
+                                "jobs_cancelled": _COUNT,
+                                "trained_tokens": _COUNT,
+                                "run_seconds": _SECONDS,
+                                "gpu_seconds": _SECONDS,
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 
 
 def _oas30_bounds_to_2020_12(node: Any) -> None:
@@ -97,6 +146,7 @@ _ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/v1/models", "ListModelsResponse"),
     ("GET", r"/v1/models/.+", "Model"),
     ("DELETE", r"/v1/models/.+", "DeleteModelResponse"),
+    ("GET", r"/v1/organization/usage/fine_tuning", "UsageResponse"),
 ]
 
 

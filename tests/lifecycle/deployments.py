@@ -253,7 +253,12 @@ class ClusterDeployment(Deployment):
             ),
             "the metrics to count the job",
         )
-        assert 'kubetune_operator_jobs_finished_total{phase="succeeded"} 1.0' in metrics
+        assert (
+            'kubetune_operator_jobs_finished_total{org="default",phase="succeeded"} 1.0' in metrics
+        )
+        tokens = 'kubetune_operator_trained_tokens_total{org="default"} '
+        (line,) = [x for x in metrics.splitlines() if x.startswith(tokens)]
+        assert float(line.removeprefix(tokens)) == status.trained_tokens  # the org's usage
         assert "kubetune_operator_queue_wait_seconds_count 1.0" in metrics
         self.check_workload_succeeded(name, workload)
 

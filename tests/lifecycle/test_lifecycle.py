@@ -102,6 +102,9 @@ def test_a_job_is_validated_queued_trained_succeeds_and_is_served(
     assert status.started_at <= status.finished_at
     assert (status.error, status.restarts) == (None, 0)
     assert status.trained_tokens > 0
+    # The run clock stopped with the job; the run is in runSeconds (GPU-seconds: times GPUs).
+    assert status.running_since is None
+    assert 0 < status.run_seconds <= (status.finished_at - status.started_at).total_seconds()
     assert status.metrics is not None
     assert status.metrics.train_loss
     assert status.hyperparameters is not None

@@ -16,7 +16,7 @@ from kubetune.finetunejob import (
     JobError,
     JobPhase,
 )
-from kubetune.lifecycle import can_transition
+from kubetune.lifecycle import can_transition, run_seconds
 from kubetune.trainer_events import TrainerEventKind, message_data
 from kubetune_runtime.observed import Observed
 from kubetune_runtime.reconcile import (
@@ -29,6 +29,7 @@ from kubetune_runtime.reconcile import (
     set_condition,
     status_patch,
     transition_path,
+    usage_delta,
     user_error,
     validated,
 )
@@ -109,6 +110,30 @@ def test_advance_stamps_start_once_and_finish_at_the_end():
     assert done.finished_at == LATER
     assert done.estimated_finish is None
     assert advance(done, JobPhase.RUNNING, now=LATER) == (done, [])  # terminal stays
+
+
+def test_the_run_clock_counts_the_time_workers_run_across_pauses_and_preemptions():
+    minute = timedelta(minutes=1)
+    job, _ = advance(status(), JobPhase.RUNNING, now=NOW)  # validated, queued, running at once
+    assert (job.running_since, job.run_seconds) == (NOW, 0.0)
+    job, _ = advance(job, JobPhase.PAUSING, now=NOW + 2 * minute)
+    assert job.running_since == NOW  # still running while it commits its checkpoint
+    job, _ = advance(job, JobPhase.PAUSED, now=NOW + 3 * minute)
+    assert (job.running_since, job.run_seconds) == (None, 180.0)
+    job, _ = advance(job, JobPhase.RUNNING, now=NOW + 60 * minute)  # a paused hour is free
+    job, _ = advance(job, JobPhase.QUEUED, now=NOW + 61 * minute)  # preempted
+    job, _ = advance(job, JobPhase.RUNNING, now=NOW + 70 * minute)
+    before = job
+    job, _ = advance(job, JobPhase.SUCCEEDED, now=NOW + 72 * minute)
+    assert (job.running_since, job.run_seconds) == (None, 180.0 + 60 + 120)
+    assert run_seconds(before, NOW + 71 * minute) == 180.0 + 60 + 60  # the current run too
+    # What the org is charged: the run that ended, times the GPUs; the tokens once, at the end.
+    job = job.model_copy(update={"trained_tokens": 5000})
+    assert usage_delta(before, job, gpus=8) == (120.0 * 8, 5000)
+    assert usage_delta(job, job, gpus=8) == (0.0, 0)
+    paused, _ = advance(before, JobPhase.PAUSED, now=NOW + 71 * minute)
+    assert usage_delta(before, paused, gpus=2) == (120.0, 0)
+    assert usage_delta(None, status(), gpus=2) == (0.0, 0)
 
 
 def test_queued_condition_tracks_time_in_the_queue():
@@ -354,6 +379,7 @@ def test_status_patch_sends_changes_and_nulls_for_removed_fields():
         "step": 0,
         "trainedTokens": 0,
         "restarts": 0,
+        "runSeconds": 0.0,
         "conditions": [],
         "checkpoints": [],
         "servedOn": [],

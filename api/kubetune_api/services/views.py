@@ -46,7 +46,8 @@ def api_status(job: FineTuneJob) -> str:
     return phase.value if phase else JobPhase.VALIDATING_FILES.value
 
 
-def _created_at(job: FineTuneJob) -> int:
+def created_at(job: FineTuneJob) -> int:
+    """When the job was created (Unix seconds): its object's time, else its id's."""
     if job.metadata.creation_timestamp is not None:
         return int(job.metadata.creation_timestamp.timestamp())
     return int(id_timestamp(job.metadata.name))
@@ -98,7 +99,7 @@ def job_to_openai(job: FineTuneJob) -> FineTuningJob:
     finished = status.finished_at if status and phase in TERMINAL_PHASES else None
     return FineTuningJob(
         id=job.metadata.name,
-        created_at=_created_at(job),
+        created_at=created_at(job),
         error=error,
         fine_tuned_model=status.fine_tuned_model
         if status and phase is JobPhase.SUCCEEDED
