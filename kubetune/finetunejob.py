@@ -278,6 +278,33 @@ class Hyperparameters(CRModel):
         "turns, prompts, replies with weight 0) instead of the assistant replies alone. "
         "Omitted: false.",
     )
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Stop once the validation loss has not improved (by more than "
+        "early_stopping_threshold) for this many evaluations in a row; needs a "
+        "validation_file, and then evaluates at every checkpoint. Omitted: no early stopping.",
+    )
+    early_stopping_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="The least decrease of the validation loss that counts as an improvement. "
+        "Omitted: 0.",
+    )
+    use_best_checkpoint: bool | None = Field(
+        default=None,
+        description="The fine-tuned model is the checkpoint with the lowest validation loss, "
+        "not the last step's weights; needs a validation_file and an adapter (lora, qlora), "
+        "and evaluates at every checkpoint. Omitted: true with early stopping, else false.",
+    )
+
+    def selects_by_validation(self) -> bool:
+        """Whether early stopping or the best checkpoint is asked for (both judge checkpoints
+        by their validation loss).
+        """
+        return bool(self.early_stopping_patience or self.use_best_checkpoint)
 
 
 class Method(CRModel):
@@ -544,6 +571,24 @@ class FineTuneJobSpec(CRModel):
             raise ValueError("continueFrom needs model to be the ft: model it names")
         if self.continue_from is not None and self.adapter.type is AdapterType.FULL:
             raise ValueError("continuing from an adapter trains an adapter: not type full")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_for_early_stopping(self) -> Self:
+        hp = self.method.hyperparameters
+        if hp.selects_by_validation() and self.validation_file is None:
+            knob = (
+                "early_stopping_patience" if hp.early_stopping_patience else "use_best_checkpoint"
+            )
+            raise ValueError(
+                f"hyperparameters.{knob} needs a validation_file: checkpoints are judged by "
+                "their validation loss"
+            )
+        if hp.use_best_checkpoint and self.adapter.type is AdapterType.FULL:
+            raise ValueError(
+                "hyperparameters.use_best_checkpoint needs an adapter (lora, qlora); a full "
+                "fine-tune's result is its last step"
+            )
         return self
 
     @model_validator(mode="after")

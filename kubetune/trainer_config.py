@@ -109,6 +109,18 @@ class ResolvedHyperparameters(_Config):
     train_on_inputs: bool = Field(
         default=False, description="SFT: every token is learnt, not only the replies."
     )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Evaluations without improvement before stopping."
+    )
+    early_stopping_threshold: float = Field(default=0.0, ge=0)
+    use_best_checkpoint: bool = Field(
+        default=False, description="The result is the checkpoint of lowest validation loss."
+    )
+
+    def selects_by_validation(self) -> bool:
+        """Whether evaluations come with every checkpoint and judge them."""
+        return bool(self.early_stopping_patience or self.use_best_checkpoint)
+
     micro_batch_size: int = Field(
         default=DEFAULT_MICRO_BATCH_SIZE,
         ge=1,
@@ -277,6 +289,9 @@ def build_trainer_config(
             max_grad_norm=hp.max_grad_norm,
             lr_scheduler=hp.lr_scheduler_type,
             train_on_inputs=bool(hp.train_on_inputs),
+            early_stopping_patience=hp.early_stopping_patience,
+            early_stopping_threshold=hp.early_stopping_threshold or 0.0,
+            use_best_checkpoint=bool(hp.use_best_checkpoint),
         ),
         initial_adapter_prefix=_initial_adapter_prefix(spec, settings),
         adapter=spec.adapter,

@@ -30,6 +30,8 @@ class TrainerEventKind(StrEnum):
     CHECKPOINT = "checkpoint"
     EVALUATION = "evaluation"
     PREEMPTED = "preempted"
+    EARLY_STOPPED = "early_stopped"
+    BEST_CHECKPOINT = "best_checkpoint"
     COMPLETED = "completed"
     ERROR = "error"
 

@@ -193,6 +193,13 @@ class CommonHyperparameters(Request):
     save_total_limit: Annotated[int, Field(ge=1, le=100)] | None = Field(
         default=None, description="The newest checkpoints kept."
     )
+    early_stopping_patience: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None, description="Evaluations without improvement before training stops."
+    )
+    early_stopping_threshold: Annotated[float, Field(ge=0, le=1000)] | None = None
+    use_best_checkpoint: bool | None = Field(
+        default=None, description="The result is the checkpoint of lowest validation loss."
+    )
 
 
 class SupervisedHyperparameters(CommonHyperparameters):
@@ -374,6 +381,9 @@ class JobHyperparameters(Wire):
     train_on_inputs: bool | None = Field(default=None, exclude_if=lambda v: v is None)
     save_steps: int | None = Field(default=None, exclude_if=lambda v: v is None)
     save_total_limit: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    early_stopping_patience: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    early_stopping_threshold: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    use_best_checkpoint: bool | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class DpoJobHyperparameters(JobHyperparameters):

@@ -104,7 +104,7 @@ def test_the_training_knobs_are_taken_and_shown(api, training_file):
     )
     shown = client.fine_tuning.jobs.retrieve(job.id).method.supervised.hyperparameters
     assert shown.n_epochs == 2
-    assert shown.model_extra == knobs
+    assert shown.model_extra == {**knobs, "use_best_checkpoint": False}
     spec = backend_of(api).get("acme", job.id).spec
     assert (spec.checkpointing.every_steps, spec.checkpointing.keep) == (5, 2)
     hp = spec.method.hyperparameters
@@ -119,7 +119,43 @@ def test_the_training_knobs_are_taken_and_shown(api, training_file):
         "train_on_inputs": False,
         "save_steps": 50,
         "save_total_limit": 3,
+        "use_best_checkpoint": False,
     }
+
+
+def test_early_stopping_needs_a_validation_file_and_shows_its_resolved_knobs(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training_file,
+        validation_file=training_file,
+        method=_supervised(early_stopping_patience=3),
+    )
+    shown = client.fine_tuning.jobs.retrieve(job.id).method.supervised.hyperparameters.model_extra
+    # The best checkpoint becomes the model unless asked otherwise; no threshold is 0.
+    assert (
+        shown["early_stopping_patience"],
+        shown["early_stopping_threshold"],
+        shown["use_best_checkpoint"],
+    ) == (3, 0.0, True)
+    for knobs, words in (
+        ({"early_stopping_patience": 2}, "early_stopping_patience needs a validation_file"),
+        ({"use_best_checkpoint": True}, "use_best_checkpoint needs a validation_file"),
+    ):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            client.fine_tuning.jobs.create(
+                model="tiny-llama", training_file=training_file, method=_supervised(**knobs)
+            )
+        assert words in error_of(excinfo)["message"]
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=training_file,
+            validation_file=training_file,
+            method=_supervised(use_best_checkpoint=True),
+            extra_body={"adapter": {"type": "full"}},
+        )
+    assert "needs an adapter (lora, qlora)" in error_of(excinfo)["message"]
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from kubetune_trainer.dist import all_gather_object, any_rank, barrier
 from kubetune_trainer.errors import RetryableError
 from kubetune_trainer.manifest import manifest
 from kubetune_trainer.run import Run
+from kubetune_trainer.selection import best_step, evaluations
 from kubetune_trainer.telemetry import memory_bytes, model_flops_utilization
 
 log = logging.getLogger(__name__)
@@ -252,10 +253,14 @@ class KubetuneCallback(TrainerCallback):
         files = merge_digests(all_gather_object(digests))  # every node's, for the manifest
         self._ensure_writer(step)
         if self.run.topology.is_main:
-            self._commit(step, files)
+            self._commit(step, files, state)
         if self.run.topology.is_local_main:
             for folder in stale_checkpoints(local.parent, step):
                 shutil.rmtree(folder, ignore_errors=True)
+        # The Trainer's best checkpoint (metric_for_best_model, for early stopping) may be one
+        # of those local copies: the store holds checkpoints and selection.py judges them, so
+        # the Trainer must not look for it at the end of training.
+        state.best_model_checkpoint = None
         barrier()  # nobody stops before the manifest is written
         if any_rank(self.run.flag.requested):
             self.preempted = True
@@ -275,7 +280,7 @@ class KubetuneCallback(TrainerCallback):
             log.error("not committing the checkpoint of step %s: the lease is lost", step)
             raise lost or LeaseLost("writer lease", None)
 
-    def _commit(self, step: int, files: dict[str, str | None]) -> None:
+    def _commit(self, step: int, files: dict[str, str | None], state: TrainerState) -> None:
         checkpoint_id = new_checkpoint_id()
         metrics = self.last_metrics
         body = manifest(
@@ -305,7 +310,12 @@ class KubetuneCallback(TrainerCallback):
         if self.run.exporter is not None:
             self.run.exporter.checkpoints.labels(self.run.checkpoints.job_id).inc()
         keep = self.run.run_manifest["config"]["checkpointing"]["keep"]
-        self.run.checkpoints.prune(keep)
+        best = None
+        if self.run.config.hyperparameters.use_best_checkpoint:
+            # The best so far stays whatever `keep` says: it may become the model.
+            committed = self.run.checkpoints.committed_steps()
+            best = best_step(evaluations(state.log_history), committed)
+        self.run.checkpoints.prune(keep, protect=best)
 
     def _data_position(self, step: int) -> dict[str, Any]:
         """Where in the data the run is: the Trainer resumes by skipping this many batches of

@@ -103,14 +103,15 @@ class CheckpointStore:
         self.store.download_prefix(checkpoint.prefix, dest)
         return dest
 
-    def prune(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` committed checkpoints; delete older ones and leftovers of
-        uploads that never committed (older than the newest commit). Returns deleted steps.
+    def prune(self, keep: int, *, protect: int | None = None) -> list[int]:
+        """Keep the newest ``keep`` committed checkpoints (and ``protect``, the best one when
+        the best becomes the model); delete older ones and leftovers of uploads that never
+        committed (older than the newest commit). Returns deleted steps.
         """
         present, committed = self._steps()
         if not committed:
             return []
-        kept = set(sorted(committed)[-keep:])
+        kept = set(sorted(committed)[-keep:]) | ({protect} if protect is not None else set())
         newest = max(committed)
         doomed = sorted(s for s in present if s not in kept and s < newest)
         for step in doomed:

@@ -135,7 +135,6 @@ def common_args(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> 
     if cap is not None:
         micro = min(micro, cap)
     micro, accumulation = split_batch(hp.batch_size, hardware.world_size, micro)
-    n_evals = config.n_evals
     device = hardware.device
     strategy = _strategy_args(config, hardware)
     return {
@@ -156,8 +155,7 @@ def common_args(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> 
         "save_strategy": "steps",
         "save_steps": config.checkpointing.every_steps,
         "save_total_limit": 1,  # local copies only: the object store keeps `keep` of them
-        "eval_strategy": "steps" if n_evals else "no",
-        "eval_steps": max(1, config.total_steps // n_evals) if n_evals else None,
+        **_evaluation_args(config),
         "bf16": device.precision == "bf16",
         "fp16": device.precision == "fp16",
         "use_cpu": not device.cuda,
@@ -172,6 +170,28 @@ def common_args(config: TrainerConfig, output_dir: Path, hardware: Hardware) -> 
         "disable_tqdm": True,
         "save_only_model": False,
         **strategy,
+    }
+
+
+def _evaluation_args(config: TrainerConfig) -> dict[str, Any]:
+    """When to evaluate: ``n_evals`` times over the run, or, when checkpoints are judged by
+    their validation loss (early stopping, the best checkpoint), at every checkpoint, with the
+    Trainer tracking the best one (``state.best_metric``, ``best_global_step``).
+    """
+    n_evals = config.n_evals
+    if config.validation_file is not None and config.hyperparameters.selects_by_validation():
+        return {
+            "eval_strategy": "steps",
+            "eval_steps": config.checkpointing.every_steps,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            # EarlyStoppingCallback's patience counter is in each checkpoint: a resumed run
+            # counts on from it instead of from 0.
+            "restore_callback_states_from_checkpoint": True,
+        }
+    return {
+        "eval_strategy": "steps" if n_evals else "no",
+        "eval_steps": max(1, config.total_steps // n_evals) if n_evals else None,
     }
 
 

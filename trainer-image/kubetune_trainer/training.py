@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from kubetune.finetunejob import Strategy
+from kubetune.storage_layout import ADAPTER_FILES
+from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind
 from kubetune_trainer import exit_codes
 from kubetune_trainer.callbacks import KubetuneCallback, eval_summary
@@ -48,6 +56,12 @@ from kubetune_trainer.model import (
 )
 from kubetune_trainer.results import Results
 from kubetune_trainer.run import Run
+from kubetune_trainer.selection import (
+    best_checkpoint_text,
+    best_step,
+    early_stop_text,
+    evaluations,
+)
 from kubetune_trainer.tracking import configure_tracking
 
 log = logging.getLogger(__name__)
@@ -151,13 +165,21 @@ def _build_trainer(
         "train_dataset": datasets[0],
         "eval_dataset": datasets[1],
         "processing_class": tokenizer,
-        "callbacks": [callback],
+        "callbacks": [callback, *_early_stopping(run.config)],
         # A continued job's model carries its adapter already: none is added on top.
         "peft_config": None if run.config.initial_adapter_prefix else lora_config(run.config),
     }
     if run.is_dpo():
         return KubetuneDPOTrainer(**common)
     return KubetuneSFTTrainer(**common)
+
+
+def _early_stopping(config: TrainerConfig) -> list[TrainerCallback]:
+    """Transformers' patience on the validation loss, when the job asks for it."""
+    hp = config.hyperparameters
+    if not hp.early_stopping_patience or config.validation_file is None:
+        return []
+    return [EarlyStoppingCallback(hp.early_stopping_patience, hp.early_stopping_threshold)]
 
 
 def _initial_adapter(run: Run, prefix: str) -> Path:
@@ -274,31 +296,65 @@ def _announce(run: Run, checkpoint: CommittedCheckpoint | None, trainer: Trainer
 def _finish(run: Run, trainer: Trainer, callback: KubetuneCallback, has_valid: bool) -> None:
     step = trainer.state.global_step
     final = None
+    chosen = step
     if has_valid:
         # Every rank decides alike (evaluation is collective): from the shared log history.
-        last_eval = next(
-            (
-                e
-                for e in reversed(trainer.state.log_history)
-                if "eval_loss" in e and e.get("step") == step
-            ),
-            None,
+        losses = evaluations(trainer.state.log_history)
+        if step not in losses:
+            _evaluate(trainer, callback)
+            losses = evaluations(trainer.state.log_history)
+        chosen = _judge(run, step, losses)
+        final = next(
+            eval_summary(e)
+            for e in reversed(trainer.state.log_history)
+            if "eval_loss" in e and e.get("step") == chosen
         )
-        final = eval_summary(last_eval) if last_eval else eval_summary(_evaluate(trainer, callback))
         run.message(
             TrainerEventKind.EVALUATION,
             _comparison_text(run.base_eval, final),
             base_model=run.base_eval,
             fine_tuned_model=final,
-            step=step,
+            step=chosen,
         )
     out = run.workdir / "final"
-    trainer.save_model(str(out))  # every rank: FSDP/ZeRO-3 gather the weights here
+    if chosen == step:
+        trainer.save_model(str(out))  # every rank: FSDP/ZeRO-3 gather the weights here
+    elif run.topology.is_main:  # the chosen checkpoint's adapter, as committed
+        run.store.download_prefix(run.checkpoints.prefix(chosen), out, only=ADAPTER_FILES)
     # No barrier after this: the result is whole once rank 0 has published it, and a rank 0
     # waiting for its peers would wait out the collective timeout (an hour) for one that
     # crashed after its last step (found by tests/lifecycle/test_faults.py).
     if run.topology.is_main:
-        _publish(run, trainer, out, step, final)
+        _publish(run, trainer, out, chosen, final, trained_to=step)
+
+
+def _judge(run: Run, step: int, losses: dict[int, float]) -> int:
+    """Announce an early stop, and choose the step whose weights become the model: the last,
+    or with ``use_best_checkpoint`` the committed checkpoint (or last step) of lowest
+    validation loss.
+    """
+    hp = run.config.hyperparameters
+    if hp.early_stopping_patience and step < run.config.total_steps:
+        text = early_stop_text(
+            step,
+            run.config.total_steps,
+            hp.early_stopping_patience,
+            hp.early_stopping_threshold,
+            losses,
+        )
+        run.message(TrainerEventKind.EARLY_STOPPED, text, step=step)
+    if not hp.use_best_checkpoint:
+        return step
+    chosen = best_step(losses, {*run.checkpoints.committed_steps(), step})
+    if chosen is None or chosen == step:
+        return step
+    run.message(
+        TrainerEventKind.BEST_CHECKPOINT,
+        best_checkpoint_text(chosen, step, losses),
+        step=chosen,
+        valid_loss=losses[chosen],
+    )
+    return chosen
 
 
 def _comparison_text(base: dict[str, float] | None, final: dict[str, float] | None) -> str:
@@ -319,7 +375,12 @@ def _publish(
     out: Path,
     step: int,
     final: dict[str, float] | None,
+    *,
+    trained_to: int,
 ) -> None:
+    """Publish the weights in ``out`` (those of ``step``) as the fine-tuned model, after
+    training ended at step ``trained_to``.
+    """
     config = run.config
     tokenizer: Any = trainer.processing_class
     tokenizer.save_pretrained(out)
@@ -350,10 +411,11 @@ def _publish(
         content_type="text/csv",
     )
     run.store.upload_dir(out, prefix, last="manifest.json")
+    which = f" (the weights of step {step})" if step != trained_to else ""
     run.message(
         TrainerEventKind.COMPLETED,
-        f"Fine-tuning finished at step {step}: {config.fine_tuned_model}",
-        step=step,
+        f"Fine-tuning finished at step {trained_to}: {config.fine_tuned_model}{which}",
+        step=trained_to,
         fine_tuned_model=config.fine_tuned_model,
         adapter_prefix=prefix,
         trained_tokens=int(trainer.state.num_input_tokens_seen),

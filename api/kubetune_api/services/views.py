@@ -63,6 +63,9 @@ def _knobs(spec: FineTuneJobSpec, hp: Hyperparameters) -> dict[str, Any]:
         "max_seq_length": hp.max_seq_length,
         "save_steps": spec.checkpointing.every_steps,
         "save_total_limit": spec.checkpointing.keep,
+        "early_stopping_patience": hp.early_stopping_patience,
+        "early_stopping_threshold": hp.early_stopping_threshold,
+        "use_best_checkpoint": hp.use_best_checkpoint,
     }
 
 
