@@ -48,7 +48,12 @@ from kubetune_local.process import (
 )
 from kubetune_local.runner import LocalRunner
 from kubetune_runtime.ports import free_loopback_port
-from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python
+from kubetune_runtime.vllm_launch import (
+    Accelerator,
+    VllmLaunch,
+    default_vllm_python,
+    installed_accelerator,
+)
 from kubetune_trainer import tiny_model
 
 log = logging.getLogger("kubetune.local")
@@ -154,6 +159,7 @@ def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | No
         print(f"vLLM is not installed ({python} is missing): serving without inference.")
         print("Install it with `bash hack/install-vllm.sh` (or `make run`) to chat with models.")
         return None
+    accelerator = installed_accelerator(python)
     launch = VllmLaunch(
         model=model,
         served_model_name=BASE_MODEL,
@@ -161,9 +167,11 @@ def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | No
         python=python,
         max_lora_rank=settings.serving.max_lora_rank,
         max_model_len=CONTEXT_LENGTH,
+        accelerator=accelerator,
     )
     logs = settings.data_dir / "logs"
-    print(f"Starting vLLM on {BASE_MODEL} (about 30 s on a CPU; log: {logs / 'vllm.log'})...")
+    where = "on the GPU" if accelerator is Accelerator.CUDA else "about 30 s on a CPU"
+    print(f"Starting vLLM on {BASE_MODEL} ({where}; log: {logs / 'vllm.log'})...")
     process = ChildProcess(
         "vllm",
         launch.argv(),

@@ -10,12 +10,35 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
 DEFAULT_VLLM_VENV: Final = Path.home() / ".cache" / "kubetune" / "vllm-venv"
 # vLLM accepts only these LoRA ranks as --max-lora-rank.
 SUPPORTED_MAX_LORA_RANKS: Final = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+ACCELERATOR_FILE: Final = "kubetune-accelerator"  # in the vLLM venv: which build it holds
+
+
+class Accelerator(StrEnum):
+    """What a vLLM build runs on: ``hack/install-vllm.sh`` installs vLLM's CUDA build when
+    ``nvidia-smi`` lists a GPU (or ``KUBETUNE_ACCELERATOR=cuda``), else its CPU build, and
+    records which in the venv's ``kubetune-accelerator``.
+    """
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def installed_accelerator(python: Path) -> Accelerator:
+    """The build the vLLM venv of ``python`` holds (an install without the record: CPU)."""
+    record = python.parent.parent / ACCELERATOR_FILE
+    try:
+        return Accelerator(record.read_text().strip())
+    except (OSError, ValueError):
+        return Accelerator.CPU
 
 
 def default_vllm_python() -> Path:
@@ -28,9 +51,10 @@ def default_vllm_python() -> Path:
 class VllmLaunch:
     """One vLLM server: the model it serves, where it listens, its LoRA limits.
 
-    The defaults are the CPU recipe that works on a laptop with a tiny model: float32, eager
-    mode, a small KV cache, and one sequence at a time (the CPU backend faults when base-model
-    and LoRA requests share a batch).
+    On the CPU (the default), the recipe that works on a laptop with a tiny model: float32,
+    eager mode, a small KV cache, and one sequence at a time (the CPU backend faults when
+    base-model and LoRA requests share a batch). On CUDA: the model's own dtype, batching, and
+    a share of the GPU's memory that leaves the rest to local mode's trainer on the same GPU.
     """
 
     model: Path | str
@@ -45,6 +69,9 @@ class VllmLaunch:
     kv_cache_bytes: str = "64M"
     max_num_seqs: int = 1
     api_key: str | None = None  # vLLM's API key (VLLM_API_KEY): guards /v1, not /health
+    accelerator: Accelerator = Accelerator.CPU
+    gpu_memory_utilization: float = 0.4  # CUDA: vLLM's share; the trainer gets the rest
+    gpu_max_num_seqs: int = 32  # CUDA: sequences in one batch
 
     def __post_init__(self) -> None:
         if self.max_lora_rank not in SUPPORTED_MAX_LORA_RANKS:
@@ -76,16 +103,30 @@ class VllmLaunch:
             str(self.max_loras),
             "--max-lora-rank",
             str(self.max_lora_rank),
-            "--dtype",
-            self.dtype,
             "--max-model-len",
             str(self.max_model_len),
+            *self._device_args(),
+            "--disable-uvicorn-access-log",
+        ]
+
+    def _device_args(self) -> list[str]:
+        if self.accelerator is Accelerator.CUDA:
+            return [
+                "--dtype",
+                "auto",
+                "--gpu-memory-utilization",
+                str(self.gpu_memory_utilization),
+                "--max-num-seqs",
+                str(self.gpu_max_num_seqs),
+            ]
+        return [
+            "--dtype",
+            self.dtype,
             "--enforce-eager",
             "--kv-cache-memory-bytes",
             self.kv_cache_bytes,
             "--max-num-seqs",
             str(self.max_num_seqs),
-            "--disable-uvicorn-access-log",
         ]
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python
+from kubetune_runtime.vllm_launch import VllmLaunch, default_vllm_python, installed_accelerator
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 
@@ -58,13 +58,15 @@ class VllmServer:
         api_key: str | None = None,
     ) -> VllmServer:
         """Start a server on a free port; wait until it serves /v1/models unless told not to."""
+        python = ensure_vllm_installed()
         launch = VllmLaunch(
             model=model,
             served_model_name=served_name,
             port=free_port(),
-            python=ensure_vllm_installed(),
+            python=python,
             max_lora_rank=max_lora_rank,
             api_key=api_key,
+            accelerator=installed_accelerator(python),  # the build make run installed
         )
         server = cls(launch, log_dir / f"vllm-{launch.port}.log")
         if wait:
