@@ -9,6 +9,7 @@ base model vLLM serves (the operator testbed's ``tiny_model`` is overridden here
 
 from __future__ import annotations
 
+import json
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,11 +21,13 @@ import httpx
 import pytest
 
 from kubetune.finetunejob import LABEL_BASE_MODEL
+from tests.harness.api import ApiServer, backend_env, start_api
+from tests.harness.kube import KubeCluster
 from tests.harness.paths import REPO_ROOT, free_port
 from tests.harness.procs import ServerProcess
 from tests.harness.s3 import S3Server
 from tests.harness.vllm import VllmServer, build_serving_model
-from tests.operator.conftest import MODEL, Testbed, make_testbed  # noqa: F401 - fixtures
+from tests.operator.conftest import MODEL, ORG, Testbed, make_testbed  # noqa: F401 - fixtures
 
 MAX_LORA_RANK = 16
 SYNC_SECONDS = "2"
@@ -207,6 +210,31 @@ def serving_testbed(make: Callable[..., Testbed]) -> Testbed:
     testbed.operator.env["KUBETUNE_SERVING__CHECKPOINT_SLOTS"] = str(CHECKPOINT_SLOTS)
     testbed.operator.start()
     return testbed
+
+
+@pytest.fixture
+def serving_api(
+    kube: KubeCluster, s3: S3Server, namespace: str, vllm_a: VllmServer, tmp_path: Path
+) -> Iterator[ApiServer]:
+    """The API on the Kubernetes backend, in the testbed's namespace and store prefix, with
+    inference forwarded to ``vllm_a`` (what the chart's vLLM Service would be) and as many
+    checkpoint slots as the operator; keys for the jobs' org and another.
+    """
+    env = backend_env(
+        "kubernetes",
+        s3_env=s3.env(),
+        kubeconfig=kube.kubeconfig,
+        namespace=namespace,
+        prefix=namespace,
+    )
+    env |= {
+        "KUBETUNE_SERVING__VLLM_URLS": json.dumps({MODEL: vllm_a.base_url}),
+        "KUBETUNE_SERVING__VLLM_API_KEY": VLLM_API_KEY,
+        "KUBETUNE_SERVING__CHECKPOINT_SLOTS": str(CHECKPOINT_SLOTS),
+    }
+    server = start_api(tmp_path / "api", env, "kubernetes", orgs=(ORG, "globex"))
+    yield server
+    server.stop()
 
 
 def complete(vllm: VllmServer, model: str, prompt: str) -> str:

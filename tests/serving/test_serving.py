@@ -8,21 +8,27 @@ Real parts only: the operator as a process against the real apiserver, the real 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from kubetune.finetunejob import ANNOTATION_MODEL_DELETED, JobPhase, checkpoint_used_annotation
 from kubetune.storage_layout import ADAPTER_FILES
+from tests.harness.api import ADMIN, ApiServer
 from tests.harness.kube import KubeCluster
 from tests.harness.vllm import VllmServer
 from tests.operator.conftest import (
+    ORG,
     Testbed,
     jsonl,
     make_peered_testbed,
@@ -92,6 +98,7 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
     vllm_a: VllmServer,
     tiny_model: Path,
     tmp_path: Path,
+    serving_api: ApiServer,
 ) -> None:
     testbed = serving_testbed(make_testbed)
     sidecar_a = start_sidecar(vllm_a, "a")
@@ -159,7 +166,10 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
         kinds = {e.reason: e.type for e in testbed.kube_events(name)}
         assert kinds.get("Served") == "Normal"
 
-        use_checkpoints_on_demand(testbed, name, model, (vllm_a, vllm_b), (sidecar_a, sidecar_b))
+        use_checkpoints_on_demand(
+            serving_api, testbed, name, model, (vllm_a, vllm_b), (sidecar_a, sidecar_b)
+        )
+        download_and_account(serving_api, testbed, name, model)
 
         # vLLM crashes and its container restarts empty: the next push loads the adapter again.
         vllm_b.crash_and_restart()
@@ -188,24 +198,27 @@ def test_adapter_is_served_on_every_replica_and_unloaded_when_the_model_is_delet
 
 
 def use_checkpoints_on_demand(
+    api: ApiServer,
     testbed: Testbed,
     name: str,
     model: str,
     replicas: tuple[VllmServer, ...],
     sidecars: tuple[Sidecar, ...],
 ) -> None:
-    """What the API does when a checkpoint's model is asked for (it annotates its use): every
-    replica loads it — the adapter's files only, not the optimizer state — and with one slot
-    the next checkpoint asked for evicts the least recently used one everywhere.
+    """Chat with a checkpoint's model through the API (the official SDK): the API records the
+    use on the job, the operator has every replica load it — the adapter's files only, not the
+    optimizer state — and the request answers once it is served; with one slot, the next
+    checkpoint asked for evicts the least recently used one everywhere. Another org's key
+    finds no such model.
     """
     assert CHECKPOINT_SLOTS == 1
+    client = api.client(ORG)
     first, second = f"{model}:ckpt-step-6", f"{model}:ckpt-step-12"
     prompt = question("apple")
-    for checkpoint, step, when in ((first, 6, "1000"), (second, 12, "2000")):
-        testbed.kubectl(
-            "annotate", "finetunejob", name, "-n", testbed.namespace,
-            f"{checkpoint_used_annotation(step)}={when}",
-        )  # fmt: skip
+    for checkpoint in (first, second):
+        messages = [{"role": "user", "content": prompt}]
+        reply = client.chat.completions.create(model=checkpoint, messages=messages, max_tokens=4)
+        assert reply.model == checkpoint  # vLLM answered with that LoRA adapter
         wanted = {model, checkpoint}
         testbed.wait(
             lambda: all(v.adapters() == wanted for v in replicas),  # noqa: B023 - waited here
@@ -218,7 +231,46 @@ def use_checkpoints_on_demand(
             assert not (sidecar.adapter_dir / first).exists() or checkpoint == first
         answers = {complete(v, checkpoint, prompt) for v in replicas}
         assert len(answers) == 1, answers  # the same weights on every replica
+    used = testbed.job(name)["metadata"]["annotations"]
+    assert {checkpoint_used_annotation(6), checkpoint_used_annotation(12)} <= set(used)
     assert served_on(testbed, name) == ["vllm-a", "vllm-b"]  # the final model is untouched
+    with pytest.raises(openai.NotFoundError):
+        api.client("globex").chat.completions.create(
+            model=second, messages=[{"role": "user", "content": prompt}]
+        )
+
+
+def download_and_account(api: ApiServer, testbed: Testbed, name: str, model: str) -> None:
+    """The trained weights download through the API as the trainer published them, and the
+    org's usage shows the job with what its status says.
+    """
+    http = api.client(ORG)._client
+    auth = {"Authorization": f"Bearer {api.keys[ORG]}"}
+    for wanted in (model, f"{model}:ckpt-step-6"):
+        response = http.get(f"{api.base_url}/v1/models/{wanted}/content", headers=auth)
+        assert response.status_code == 200, response.text
+        with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+            files = {Path(n).name: archive.extractfile(n) for n in archive.getnames()}
+        manifest = json.loads(files.pop("manifest.json").read())  # type: ignore[union-attr]
+        assert set(ADAPTER_FILES) <= set(files)
+        for file_name, reader in files.items():
+            digest = hashlib.sha256(reader.read()).hexdigest()  # type: ignore[union-attr]
+            assert manifest["files"][file_name] == digest
+
+    status = testbed.status(name)
+    assert status.finished_at is not None
+    day = int(status.finished_at.timestamp()) // 86400 * 86400
+    admin = {"Authorization": f"Bearer {api.keys[f'{ORG}{ADMIN}']}"}
+    page = http.get(
+        f"{api.base_url}/v1/organization/usage/fine_tuning",
+        params={"start_time": day, "end_time": day + 86400},
+        headers=admin,
+    ).json()
+    (result,) = page["data"][0]["results"]
+    assert result["jobs_succeeded"] >= 1
+    assert result["trained_tokens"] >= status.trained_tokens > 0
+    # The usage page shows milliseconds.
+    assert result["run_seconds"] >= round(status.run_seconds, 3) > 0
 
 
 def test_an_adapter_above_max_lora_rank_is_a_clear_error_on_the_job_and_in_an_event(
