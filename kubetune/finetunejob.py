@@ -278,6 +278,13 @@ class Hyperparameters(CRModel):
         "turns, prompts, replies with weight 0) instead of the assistant replies alone. "
         "Omitted: false.",
     )
+    packing: bool | None = Field(
+        default=None,
+        description="supervised only: pack several examples into each training row of up to "
+        "max_seq_length tokens (best-fit decreasing; each example attends only to itself), so "
+        "batch_size counts rows and a run of many short examples takes fewer, fuller steps. "
+        "Omitted: false, one example per row.",
+    )
     early_stopping_patience: int | None = Field(
         default=None,
         ge=1,
@@ -324,10 +331,9 @@ class Method(CRModel):
     def _method_specific(self) -> Self:
         if self.type is not MethodType.DPO and self.hyperparameters.beta is not None:
             raise ValueError("hyperparameters.beta applies only to method type dpo")
-        if self.type is not MethodType.SUPERVISED and self.hyperparameters.train_on_inputs:
-            raise ValueError(
-                "hyperparameters.train_on_inputs applies only to method type supervised"
-            )
+        for knob in ("train_on_inputs", "packing"):
+            if self.type is not MethodType.SUPERVISED and getattr(self.hyperparameters, knob):
+                raise ValueError(f"hyperparameters.{knob} applies only to method type supervised")
         return self
 
 

@@ -63,6 +63,7 @@ def resolve(
             "train_on_inputs": bool(requested.train_on_inputs)
             if method is MethodType.SUPERVISED
             else None,
+            "packing": bool(requested.packing) if method is MethodType.SUPERVISED else None,
             "early_stopping_threshold": _given_or(requested.early_stopping_threshold, 0.0)
             if requested.early_stopping_patience
             else None,

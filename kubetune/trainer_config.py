@@ -109,6 +109,9 @@ class ResolvedHyperparameters(_Config):
     train_on_inputs: bool = Field(
         default=False, description="SFT: every token is learnt, not only the replies."
     )
+    packing: bool = Field(
+        default=False, description="SFT: several examples per row of max_seq_length tokens."
+    )
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="Evaluations without improvement before stopping."
     )
@@ -289,6 +292,7 @@ def build_trainer_config(
             max_grad_norm=hp.max_grad_norm,
             lr_scheduler=hp.lr_scheduler_type,
             train_on_inputs=bool(hp.train_on_inputs),
+            packing=bool(hp.packing),
             early_stopping_patience=hp.early_stopping_patience,
             early_stopping_threshold=hp.early_stopping_threshold or 0.0,
             use_best_checkpoint=bool(hp.use_best_checkpoint),

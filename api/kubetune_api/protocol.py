@@ -206,6 +206,11 @@ class SupervisedHyperparameters(CommonHyperparameters):
     """``FineTuneSupervisedHyperparameters``."""
 
     train_on_inputs: bool | None = None
+    packing: bool | None = Field(
+        default=None,
+        description="Several examples per training row of up to max_seq_length tokens; "
+        "batch_size then counts rows.",
+    )
 
 
 class DpoHyperparameters(CommonHyperparameters):
@@ -379,6 +384,7 @@ class JobHyperparameters(Wire):
     max_grad_norm: float | None = Field(default=None, exclude_if=lambda v: v is None)
     max_seq_length: int | None = Field(default=None, exclude_if=lambda v: v is None)
     train_on_inputs: bool | None = Field(default=None, exclude_if=lambda v: v is None)
+    packing: bool | None = Field(default=None, exclude_if=lambda v: v is None)
     save_steps: int | None = Field(default=None, exclude_if=lambda v: v is None)
     save_total_limit: int | None = Field(default=None, exclude_if=lambda v: v is None)
     early_stopping_patience: int | None = Field(default=None, exclude_if=lambda v: v is None)

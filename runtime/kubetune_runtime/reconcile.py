@@ -550,6 +550,7 @@ def validated(status: FineTuneJobStatus, config: TrainerConfig, *, now: datetime
                 train_on_inputs=hp.train_on_inputs
                 if config.method is MethodType.SUPERVISED
                 else None,
+                packing=hp.packing if config.method is MethodType.SUPERVISED else None,
                 early_stopping_patience=hp.early_stopping_patience,
                 early_stopping_threshold=hp.early_stopping_threshold
                 if hp.early_stopping_patience

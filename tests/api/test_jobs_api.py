@@ -93,6 +93,7 @@ def test_the_training_knobs_are_taken_and_shown(api, training_file):
         "max_grad_norm": 0.5,
         "max_seq_length": 128,
         "train_on_inputs": True,
+        "packing": True,
         "save_steps": 5,
         "save_total_limit": 2,
     }
@@ -109,6 +110,7 @@ def test_the_training_knobs_are_taken_and_shown(api, training_file):
     assert (spec.checkpointing.every_steps, spec.checkpointing.keep) == (5, 2)
     hp = spec.method.hyperparameters
     assert (hp.lr_scheduler_type, hp.weight_decay, hp.train_on_inputs) == ("cosine", 0.01, True)
+    assert hp.packing is True
     # Omitted knobs are resolved at create, like OpenAI's "auto", and shown as numbers.
     plain = client.fine_tuning.jobs.create(model="tiny-llama", training_file=training_file)
     assert plain.method.supervised.hyperparameters.model_extra == {
@@ -117,6 +119,7 @@ def test_the_training_knobs_are_taken_and_shown(api, training_file):
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "train_on_inputs": False,
+        "packing": False,
         "save_steps": 50,
         "save_total_limit": 3,
         "use_best_checkpoint": False,
@@ -180,6 +183,10 @@ def test_early_stopping_needs_a_validation_file_and_shows_its_resolved_knobs(api
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"train_on_inputs": True}}}},
             "method.dpo.hyperparameters.train_on_inputs",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"packing": True}}}},
+            "method.dpo.hyperparameters.packing",
         ),
         # vLLM serves no LoRA weights on the embeddings or the head: refused before training.
         ({"extra_body": {"adapter": {"target_modules": ["lm_head"]}}}, "adapter.target_modules"),

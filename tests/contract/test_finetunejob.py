@@ -73,6 +73,10 @@ SOURCE_JOB = new_job_id()
             {"method": {"type": "dpo", "hyperparameters": {"trainOnInputs": True}}},
             "train_on_inputs applies only to method type supervised",
         ),
+        (
+            {"method": {"type": "dpo", "hyperparameters": {"packing": True}}},
+            "packing applies only to method type supervised",
+        ),
         ({"method": {"hyperparameters": {"lrSchedulerType": "step"}}}, "lrSchedulerType"),
         ({"method": {"hyperparameters": {"weightDecay": 1.5}}}, "weightDecay"),
         ({"model": "ft:tiny:default::abcdefgh"}, "needs continueFrom.job"),

@@ -71,12 +71,13 @@ def test_the_training_knobs_reach_the_trainer_config_and_default_when_omitted() 
         "maxGradNorm": 0,  # 0 is a value (clipping off), not "omitted"
         "warmupRatio": 0,
         "trainOnInputs": True,
+        "packing": True,
         "maxSeqLength": 512,
     }
     job = _job(method={"hyperparameters": knobs}, checkpointing={"everySteps": 7, "keep": 2})
     hp = build_trainer_config(job, _settings(), n_train_examples=100).hyperparameters
     assert (hp.lr_scheduler, hp.weight_decay, hp.max_grad_norm) == ("cosine", 0.01, 0.0)
-    assert (hp.warmup_ratio, hp.train_on_inputs) == (0.0, True)
+    assert (hp.warmup_ratio, hp.train_on_inputs, hp.packing) == (0.0, True, True)
     config = build_trainer_config(job, _settings(), n_train_examples=100)
     assert config.max_seq_length == 512
     assert (config.checkpointing.every_steps, config.checkpointing.keep) == (7, 2)
@@ -86,7 +87,7 @@ def test_the_training_knobs_reach_the_trainer_config_and_default_when_omitted() 
         0.0,
         1.0,
     )
-    assert defaults.train_on_inputs is False
+    assert (defaults.train_on_inputs, defaults.packing) == (False, False)
 
 
 def test_the_knobs_become_the_trainers_arguments(tmp_path: Path) -> None:

@@ -322,10 +322,12 @@ class KubetuneCallback(TrainerCallback):
         the sampler's order for the epoch (seeded by seed + epoch).
         """
         config = self.run.run_manifest["config"]
+        # A packing run's batches are of rows, several examples each.
+        seen = "rows_seen" if config["hyperparameters"]["packing"] else "examples_seen"
         return {
             "global_step": step,
-            "examples_seen": examples_seen(
-                step, config["hyperparameters"]["batch_size"], config["n_train_examples"]
+            seen: examples_seen(
+                step, config["hyperparameters"]["batch_size"], self.run.n_train_rows
             ),
             "sampler_seed": config["seed"],
             "world_size": self.run.topology.world_size,

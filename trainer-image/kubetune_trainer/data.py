@@ -23,8 +23,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from datasets import Dataset
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
+from trl.data_utils import pack_dataset
 
 from kubetune.finetunejob import MethodType
 from kubetune_runtime.datasets import (
@@ -303,6 +305,15 @@ def tokenize_supervised(
         columns["input_ids"].append(tokens.input_ids)
         columns["labels"].append(tokens.labels)
     return columns, stats
+
+
+def pack_rows(examples: Dataset, max_len: int) -> Dataset:
+    """Tokenized examples packed best-fit-decreasing into rows of at most ``max_len`` tokens
+    (TRL's ``bfd``: no example is split, and none is longer than ``max_len`` once truncated).
+    Each row keeps its examples' lengths in ``seq_lengths``: the padding-free collator restarts
+    the position ids at each, and the attention reads the boundaries from them.
+    """
+    return pack_dataset(examples.select_columns(["input_ids", "labels"]), max_len, "bfd")
 
 
 def preference_rows(loaded: LoadedFile) -> dict[str, list[Any]]:

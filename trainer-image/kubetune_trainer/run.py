@@ -73,6 +73,7 @@ class Run:
         # Set up by training.train before the first step.
         self.run_manifest: dict[str, Any] = {}
         self.n_params = 0
+        self.n_train_rows = config.n_train_examples  # several examples each when packing
         self.results = Results()
         self.base_eval: dict[str, float] | None = None
         # Set by the entrypoint before anything else (see kubetune_trainer.device).

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from kubetune.finetunejob import Strategy
+from kubetune.hyperparameters import total_steps
 from kubetune.storage_layout import ADAPTER_FILES
 from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind
@@ -31,6 +32,7 @@ from kubetune_trainer.data import (
     ChatRenderer,
     LoadedFile,
     load_file,
+    pack_rows,
     preference_rows,
     tokenize_supervised,
 )
@@ -95,6 +97,20 @@ def _dataset(run: Run, loaded: LoadedFile, tokenizer: PreTrainedTokenizerBase) -
             param="training_file",
         )
     return Dataset.from_dict(columns)
+
+
+def _packed(run: Run, dataset: Dataset) -> Dataset:
+    """The training rows of a packing run (:func:`pack_rows`).
+
+    The run's plan then counts rows: its total steps (and the evaluation interval drawn from
+    them) are replanned here, before the training arguments are built. Packing is
+    deterministic, so a restarted run packs the same rows and resumes at the same one.
+    """
+    packed = pack_rows(dataset, run.config.max_seq_length)
+    hp = run.config.hyperparameters
+    steps = total_steps(len(packed), hp.n_epochs, hp.batch_size)
+    run.config = run.config.model_copy(update={"total_steps": steps})
+    return packed
 
 
 def _warn_dpo_truncation(run: Run, trainer: Trainer, n_rows: int, file_id: str) -> None:
@@ -213,6 +229,10 @@ def train(run: Run) -> int:
         _dataset(run, train_file, tokenizer),
         _dataset(run, valid_file, tokenizer) if valid_file is not None else None,
     )
+    if config.hyperparameters.packing:
+        datasets = (_packed(run, datasets[0]), datasets[1])
+        config = run.config
+    run.n_train_rows = len(datasets[0])
     point = run.resume_point()
     checkpoint = point[0] if point else None
     resume_from, results, base_eval = _resume_state(run, point)

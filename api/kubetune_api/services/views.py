@@ -89,7 +89,7 @@ def job_to_openai(job: FineTuneJob) -> FineTuningJob:
             type="supervised",
             supervised=SupervisedMethodOut(
                 hyperparameters=JobHyperparameters(
-                    **common, **knobs, train_on_inputs=hp.train_on_inputs
+                    **common, **knobs, train_on_inputs=hp.train_on_inputs, packing=hp.packing
                 )
             ),
         )
