@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create the virtualenv with everything the API, operator and tests need
 
-run: $(STAMP) ## Start kubetune locally (API, jobs, trainer, vLLM on the CPU); Ctrl-C stops it
+run: $(STAMP) ## Start kubetune locally (API, jobs, trainer, vLLM; a CUDA GPU when listed); Ctrl-C stops it
 	bash hack/install-vllm.sh
+	PYTHON=$(PY) bash hack/install-trainer-gpu.sh
 	$(PY) -m kubetune_local $(RUN_ARGS)
 
 demo: $(STAMP) ## Fine-tune and chat with the OpenAI SDK against a running `make run`

@@ -18,20 +18,8 @@ VENV="${KUBETUNE_VLLM_VENV:-$CACHE_DIR/vllm-venv}"
 VLLM_VERSION="${KUBETUNE_VLLM_VERSION:-0.32.0}"
 PYTHON="${PYTHON_FOR_VLLM:-python3}"
 
-# The accelerator, decided as kubetune_runtime.vllm_launch.Accelerator documents.
-accelerator() {
-  if [[ -n "${KUBETUNE_ACCELERATOR:-}" ]]; then
-    case "${KUBETUNE_ACCELERATOR,,}" in
-      cpu|cuda) echo "${KUBETUNE_ACCELERATOR,,}"; return ;;
-      *) echo "KUBETUNE_ACCELERATOR must be cpu or cuda, not '$KUBETUNE_ACCELERATOR'" >&2; exit 2 ;;
-    esac
-  fi
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
-    echo cuda
-  else
-    echo cpu
-  fi
-}
+# shellcheck source=hack/accelerator.sh
+source "$(dirname "${BASH_SOURCE[0]}")/accelerator.sh"
 ACCELERATOR="$(accelerator)"
 if [[ "$ACCELERATOR" == cuda ]]; then
   PACKAGE="vllm==$VLLM_VERSION"

