@@ -79,13 +79,13 @@ def test_packed_examples_attend_only_to_themselves(tiny_model: Path) -> None:
 
 
 def test_a_packing_run_plans_learns_and_checkpoints_in_rows(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, local_store: tuple[LocalObjectStore, ObjectStoreSettings]
 ) -> None:
-    store = LocalObjectStore(tmp_path / "store")
+    store, settings = local_store
     unpacked_steps = 3 * math.ceil(40 / 4)
     job = make_job(
         store,
-        ObjectStoreSettings(local_root=tmp_path / "store"),
+        settings,
         tiny_model,
         tmp_path / "job",
         jsonl(sft_examples(40)),
