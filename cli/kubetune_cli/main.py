@@ -107,6 +107,13 @@ def serve_command(
     no_vllm: Annotated[
         bool, typer.Option("--no-vllm", help="Local mode: do not start vLLM.")
     ] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Local mode: a Hugging Face model folder to fine-tune and serve."),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Local mode: --model's name (default: the folder's).")
+    ] = None,
     kubeconfig: Annotated[
         Path | None, typer.Option(help="Kubernetes mode: kubeconfig (default: in-cluster).")
     ] = None,
@@ -116,8 +123,10 @@ def serve_command(
 ) -> None:
     """Start kubetune: local mode (default, no cluster needed) or --kubernetes."""
     if kubernetes:
-        if data_dir is not None or no_vllm:
-            raise typer.BadParameter("--data-dir and --no-vllm are local-mode options")
+        if data_dir is not None or no_vllm or model is not None or model_name is not None:
+            raise typer.BadParameter(
+                "--data-dir, --no-vllm, --model and --model-name are local-mode options"
+            )
         argv, env = serve.kubernetes_command(
             kubeconfig=kubeconfig, namespace=namespace, host=host, port=port
         )
@@ -125,7 +134,16 @@ def serve_command(
         return
     if kubeconfig is not None or namespace is not None:
         raise typer.BadParameter("--kubeconfig and --namespace need --kubernetes")
-    serve.exec_server(serve.local_command(data_dir=data_dir, host=host, port=port, no_vllm=no_vllm))
+    serve.exec_server(
+        serve.local_command(
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            no_vllm=no_vllm,
+            model=model,
+            model_name=model_name,
+        )
+    )
 
 
 def main() -> None:

@@ -16,7 +16,13 @@ API_MODULE = "kubetune_api"
 
 
 def local_command(
-    *, data_dir: Path | None, host: str | None, port: int | None, no_vllm: bool
+    *,
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    no_vllm: bool,
+    model: Path | None = None,
+    model_name: str | None = None,
 ) -> list[str]:
     """The command line of local mode: ``python -m kubetune_local [options]``."""
     argv = [sys.executable, "-m", LOCAL_MODULE]
@@ -28,6 +34,10 @@ def local_command(
         argv += ["--port", str(port)]
     if no_vllm:
         argv.append("--no-vllm")
+    if model is not None:
+        argv += ["--model", str(model)]
+    if model_name is not None:
+        argv += ["--model-name", model_name]
     return argv
 
 

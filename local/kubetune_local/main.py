@@ -1,11 +1,14 @@
 """Local mode: the whole service on one machine (``make run``, ``kubetune serve``).
 
-``python -m kubetune_local [--data-dir D] [--host H] [--port P] [--no-vllm]``
+``python -m kubetune_local [--data-dir D] [--host H] [--port P] [--no-vllm]
+[--model FOLDER [--model-name NAME]]``
 
 - state under the data folder (default ``~/.local/share/kubetune``): files and adapters in a
   local object store, jobs in SQLite, an API key made on first start (its hash in
   ``api_keys.json``, the key itself in the 0600 file ``api_key`` so it can be shown each time);
-- a tiny Llama base model, ``tiny-llama``, created offline on first start;
+- a tiny Llama base model, ``tiny-llama``, created offline on first start; and, with
+  ``--model``, any Hugging Face model folder of yours as a second base model (checked first:
+  config, weights, tokenizer, chat template), which vLLM then serves instead;
 - the job driver runs jobs with the subprocess runtime: the real trainer as child processes
   (:mod:`kubetune_local.runner`);
 - a real vLLM on the CPU serves the base model with LoRA enabled, and every fine-tuned model
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +33,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Final
@@ -65,10 +70,32 @@ KEYS_FILE: Final = "api_keys.json"
 VLLM_READY_TIMEOUT: Final = 300.0
 VLLM_STOP_GRACE: Final = 20.0
 LOCAL_ORG: Final = "local"
+# Run as a child: local mode never imports transformers (kubetune_trainer.inspect_model does).
+INSPECT_MODULE: Final = "kubetune_trainer.inspect_model"
+# A model of your own is trained and served on sequences up to this long (or its context, if
+# shorter): enough for chat fine-tuning, and a KV cache a workstation's CPU or GPU can hold.
+OWN_MODEL_MAX_LEN: Final = 2048
+OWN_MODEL_CPU_KV_CACHE: Final = "1G"
+# Model names become part of ``ft:<base>:…`` names: no colons, nothing a URL would escape.
+MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class Stop(Exception):
     """SIGTERM arrived: unwind and stop every child, as for Ctrl-C."""
+
+
+class UnusableModel(Exception):
+    """``--model`` names a folder that cannot be a base model; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServedBase:
+    """The base model vLLM serves, under the name requests use."""
+
+    name: str
+    folder: Path
+    max_model_len: int
+    kv_cache_bytes: str = "64M"  # on the CPU (the tiny model's needs)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,6 +105,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, help="Port to listen on (default 8000).")
     parser.add_argument("--no-vllm", action="store_true", help="Serve without inference.")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="A Hugging Face model folder to fine-tune and serve beside tiny-llama.",
+    )
+    parser.add_argument("--model-name", help="Its name in requests (default: the folder's).")
     return parser.parse_args(argv)
 
 
@@ -101,6 +134,42 @@ def catalogue_entry(folder: Path) -> BaseModelEntry:
         context_length=CONTEXT_LENGTH,
         path=str(folder),
     )
+
+
+def own_base_model(folder: Path, name: str | None) -> tuple[BaseModelEntry, ServedBase]:
+    """The catalogue entry and the serving of ``--model``'s folder, once
+    :mod:`kubetune_trainer.inspect_model` found it usable; :class:`UnusableModel` otherwise.
+    """
+    folder = folder.expanduser().resolve()
+    name = name or folder.name
+    if not MODEL_NAME.match(name) or name == BASE_MODEL:
+        raise UnusableModel(
+            f"{name!r} cannot name a base model: 1-64 letters, digits, '.', '-' or '_', not "
+            f"{BASE_MODEL} (give --model-name)"
+        )
+    checked = subprocess.run(
+        [sys.executable, "-m", INSPECT_MODULE, str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        report = json.loads(checked.stdout)
+    except ValueError:  # it crashed before it could say why
+        raise UnusableModel(f"{folder} could not be checked: {checked.stderr[-2000:]}") from None
+    if checked.returncode != 0:
+        raise UnusableModel(str(report["error"]))
+    length = min(int(report["context_length"]), OWN_MODEL_MAX_LEN)
+    print(f"Base model {name}: {report['architecture']} from {folder} ({length} tokens)")
+    entry = BaseModelEntry(
+        id=name,
+        owned_by=LOCAL_ORG,
+        created=int(folder.stat().st_mtime),
+        tokenizer=folder,
+        context_length=length,
+        path=str(folder),
+    )
+    return entry, ServedBase(name, folder, length, OWN_MODEL_CPU_KV_CACHE)
 
 
 def ensure_api_key(data_dir: Path) -> str:
@@ -152,7 +221,7 @@ def _serves(url: str) -> bool:
         return False
 
 
-def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | None:
+def start_vllm(settings: Settings, served: ServedBase) -> tuple[ChildProcess, str] | None:
     """Start vLLM on the base model and wait until it serves; None when it cannot run."""
     python = default_vllm_python()
     if not python.exists():
@@ -161,17 +230,18 @@ def start_vllm(settings: Settings, model: Path) -> tuple[ChildProcess, str] | No
         return None
     accelerator = installed_accelerator(python)
     launch = VllmLaunch(
-        model=model,
-        served_model_name=BASE_MODEL,
+        model=served.folder,
+        served_model_name=served.name,
         port=free_loopback_port(),
         python=python,
         max_lora_rank=settings.serving.max_lora_rank,
-        max_model_len=CONTEXT_LENGTH,
+        max_model_len=served.max_model_len,
+        kv_cache_bytes=served.kv_cache_bytes,
         accelerator=accelerator,
     )
     logs = settings.data_dir / "logs"
     where = "on the GPU" if accelerator is Accelerator.CUDA else "about 30 s on a CPU"
-    print(f"Starting vLLM on {BASE_MODEL} ({where}; log: {logs / 'vllm.log'})...")
+    print(f"Starting vLLM on {served.name} ({where}; log: {logs / 'vllm.log'})...")
     process = ChildProcess(
         "vllm",
         launch.argv(),
@@ -203,12 +273,12 @@ def _wait_ready(process: ChildProcess, url: str) -> bool:
     return True
 
 
-def with_vllm(settings: Settings, model: Path, url: str) -> Settings:
+def with_vllm(settings: Settings, served: ServedBase, url: str) -> Settings:
     """Settings whose inference proxy and job runner use the local vLLM."""
     serving = settings.serving.model_copy(
         update={
-            "vllm_urls": {**settings.serving.vllm_urls, BASE_MODEL: url},
-            "vllm_model": str(model),
+            "vllm_urls": {**settings.serving.vllm_urls, served.name: url},
+            "vllm_model": str(served.folder),
             "adapter_dir": settings.data_dir / "adapters",
         }
     )
@@ -255,8 +325,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
-def prepare(args: argparse.Namespace) -> tuple[Settings, Path, str]:
-    """The settings, the base model's folder and the API key, made on first start."""
+def prepare(args: argparse.Namespace) -> tuple[Settings, ServedBase, str]:
+    """The settings, the base model vLLM serves and the API key, made on first start."""
     settings = local_settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock_data_dir(settings.data_dir)  # before the orphan sweep: they are no live server's
@@ -264,9 +334,15 @@ def prepare(args: argparse.Namespace) -> tuple[Settings, Path, str]:
     if left:  # a previous run was killed before it could stop them
         print(f"Stopped what a previous run left running: {', '.join(left)}", flush=True)
     model = ensure_base_model(settings.data_dir)
-    catalogue = [*(m for m in settings.models if m.id != BASE_MODEL), catalogue_entry(model)]
+    ours = [catalogue_entry(model)]
+    served = ServedBase(BASE_MODEL, model, CONTEXT_LENGTH)
+    if args.model is not None:
+        entry, served = own_base_model(args.model, args.model_name)
+        ours.append(entry)
+    names = {m.id for m in ours}
+    catalogue = [*(m for m in settings.models if m.id not in names), *ours]
     settings = settings.model_copy(update={"models": catalogue})
-    return settings, model, ensure_api_key(settings.data_dir)
+    return settings, served, ensure_api_key(settings.data_dir)
 
 
 def run_service(settings: Settings, key: str, *, inference: bool) -> None:
@@ -295,11 +371,11 @@ def run_service(settings: Settings, key: str, *, inference: bool) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Prepare the data folder, start vLLM, serve until Ctrl-C, then stop everything."""
-    settings, model, key = prepare(args)
-    vllm = None if args.no_vllm else start_vllm(settings, model)
+    settings, served, key = prepare(args)
+    vllm = None if args.no_vllm else start_vllm(settings, served)
     try:
         if vllm is not None:
-            settings = with_vllm(settings, model, vllm[1])
+            settings = with_vllm(settings, served, vllm[1])
         run_service(settings, key, inference=vllm is not None)
     except (KeyboardInterrupt, Stop):
         pass
@@ -325,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataDirInUse as exc:
         print(f"kubetune: {exc}", file=sys.stderr, flush=True)
         return 1
+    except UnusableModel as exc:
+        print(f"kubetune: --model: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,11 +26,13 @@ def test_serve_defaults_to_local_mode(execs):
 
 def test_serve_passes_local_options(execs, tmp_path):
     args = ["serve", "--data-dir", str(tmp_path), "--host", "192.0.2.1", "--port", "9000"]
-    result = run_cli([*args, "--no-vllm"])
+    model = tmp_path / "Qwen2.5-0.5B-Instruct"
+    result = run_cli([*args, "--no-vllm", "--model", str(model), "--model-name", "qwen"])
     assert result.exit_code == 0, result.output
     assert execs[0][0] == [
         sys.executable, "-m", "kubetune_local",
         "--data-dir", str(tmp_path), "--host", "192.0.2.1", "--port", "9000", "--no-vllm",
+        "--model", str(model), "--model-name", "qwen",
     ]  # fmt: skip
 
 
@@ -53,6 +55,7 @@ def test_serve_kubernetes_sets_the_mode_and_cluster_settings(execs, tmp_path):
     "args",
     [
         ["serve", "--kubernetes", "--no-vllm"],
+        ["serve", "--kubernetes", "--model", "/models/qwen"],
         ["serve", "--namespace", "ml"],
     ],
 )

@@ -25,6 +25,7 @@ class LocalServer:
 
     data_dir: Path
     vllm: bool = True
+    extra_args: list[str] = field(default_factory=list)
     runs: int = 0
     process: ServerProcess | None = field(default=None, repr=False)
     port: int = 0
@@ -53,6 +54,7 @@ class LocalServer:
         self.runs += 1
         argv = [sys.executable, "-m", "kubetune_local", "--data-dir", str(self.data_dir)]
         argv += ["--port", str(self.port)] + ([] if self.vllm else ["--no-vllm"])
+        argv += self.extra_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
         env["KUBETUNE_LOCAL__POLL_SECONDS"] = "0.5"
         env["KUBETUNE_LOCAL__PROGRESS_SECONDS"] = "1"

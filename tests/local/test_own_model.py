@@ -1,0 +1,93 @@
+"""Local mode with a model folder of your own (``make run RUN_ARGS="--model FOLDER"``): checked
+first, then listed, fine-tuned and served under its name by the real vLLM, through the SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from examples import demo
+from tests.harness.paths import REPO_ROOT
+from tests.local.server import LocalServer
+
+pytestmark = pytest.mark.xdist_group("vllm")
+
+NAME = "my-llama"
+JOB_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face model folder of the user's (the tiny Llama, made as local mode makes it)."""
+    folder = tmp_path_factory.mktemp("models") / "Llama-mine"
+    subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.tiny_model", str(folder)], check=True, timeout=300
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """Local mode serving ``model_folder`` as ``my-llama``."""
+    server = LocalServer(
+        tmp_path_factory.mktemp("own") / "data",
+        extra_args=["--model", str(model_folder), "--model-name", NAME],
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_folder_that_cannot_be_a_base_model_stops_local_mode_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
+    argv = [sys.executable, "-m", "kubetune_local", "--data-dir", str(tmp_path / "data")]
+    for args, reason in (
+        (["--model", str(tmp_path)], "has no config.json"),
+        (["--model", str(tmp_path), "--model-name", "tiny-llama"], "cannot name a base model"),
+    ):
+        done = subprocess.run(
+            [*argv, "--no-vllm", *args],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stderr
+
+
+def test_your_model_is_listed_fine_tuned_and_served_under_its_name(server: LocalServer) -> None:
+    client = demo.connect(server.base_url, server.key)
+    assert {NAME, demo.BASE_MODEL} <= {m.id for m in client.models.list()}
+    assert f"Base model {NAME}: LlamaForCausalLM" in server.log()
+    # vLLM serves your model under its name: the base answers...
+    base = client.chat.completions.create(
+        model=NAME, messages=demo.chat(demo.QUESTION), max_tokens=4
+    )
+    assert base.model == NAME
+    # ...and a model fine-tuned from it is loaded on that vLLM and answers too.
+    job = demo.create_job(client, demo.upload(client, demo.dataset()), n_epochs=1, model=NAME)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while job.status not in demo.FINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model is not None
+    assert job.fine_tuned_model.startswith(f"ft:{NAME}:local:pirate:")
+    tuned = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=demo.chat(demo.QUESTION), max_tokens=4
+    )
+    assert tuned.model == job.fine_tuned_model

@@ -1,0 +1,128 @@
+"""Whether a Hugging Face model folder can be a base model, and what the catalogue needs of it.
+
+A base model is checked before anyone trains on it, so that a folder that cannot work fails
+once, with the reason, instead of failing every job: its ``config.json`` loads and names a
+causal language model, its weights are there (safetensors or PyTorch files), its tokenizer
+loads, and its chat template renders a conversation (chat examples are rendered with it). The
+report carries what the catalogue and vLLM need: the architecture (vLLM serves by it), the
+context length, the hidden size.
+
+``python -m kubetune_trainer.inspect_model FOLDER`` prints the report as JSON, or
+``{"error": reason}`` with exit status 2: local mode runs it as a child, since it never imports
+transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from transformers import AutoConfig, AutoTokenizer
+
+WEIGHT_PATTERNS: Final = ("*.safetensors", "pytorch_model*.bin")
+# The first conversation a chat template must render (system turns are optional in some).
+PROBE: Final = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+EXIT_UNUSABLE: Final = 2
+
+
+class UnusableModel(Exception):
+    """The folder cannot be a base model; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """What the catalogue needs to know of a usable base model."""
+
+    architecture: str
+    model_type: str
+    context_length: int
+    hidden_size: int | None
+
+
+def _config(folder: Path) -> Any:
+    if not (folder / "config.json").is_file():
+        raise UnusableModel(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise UnusableModel(f"{folder}/config.json does not load: {exc}") from exc
+
+
+def _architecture(config: Any) -> str:
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = [a for a in architectures if a.endswith(("ForCausalLM", "ForConditionalGeneration"))]
+    if not causal:
+        raise UnusableModel(
+            f"config.json names {architectures or 'no architecture'}: not a causal language "
+            "model (an architecture ending in ForCausalLM)"
+        )
+    return str(causal[0])
+
+
+def _context_length(config: Any) -> int:
+    text = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnusableModel("config.json gives no context length (max_position_embeddings)")
+
+
+def _check_weights(folder: Path) -> None:
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UnusableModel(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise UnusableModel(f"the tokenizer in {folder} does not load: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise UnusableModel(
+            f"the tokenizer in {folder} has no chat template: chat examples could not be "
+            "rendered as the model expects (a base, not an instruct, model?)"
+        )
+    try:
+        tokenizer.apply_chat_template(PROBE, tokenize=False)
+    except Exception as exc:
+        raise UnusableModel(f"the chat template in {folder} does not render: {exc}") from exc
+
+
+def inspect_folder(folder: Path) -> ModelReport:
+    """The report of a usable base model folder; :class:`UnusableModel` says why not."""
+    if not folder.is_dir():
+        raise UnusableModel(f"{folder} is not a folder")
+    config = _config(folder)
+    report = ModelReport(
+        architecture=_architecture(config),
+        model_type=str(getattr(config, "model_type", "")),
+        context_length=_context_length(config),
+        hidden_size=getattr(getattr(config, "text_config", None) or config, "hidden_size", None),
+    )
+    _check_weights(folder)
+    _check_tokenizer(folder)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the folder's report as JSON (exit 0), or why it is unusable (exit 2), on stdout."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_folder(args.folder.expanduser().resolve())
+    except UnusableModel as exc:
+        print(json.dumps({"error": str(exc)}))
+        return EXIT_UNUSABLE
+    print(json.dumps(asdict(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
