@@ -76,6 +76,11 @@ INSPECT_MODULE: Final = "kubetune_trainer.inspect_model"
 # shorter): enough for chat fine-tuning, and a KV cache a workstation's CPU or GPU can hold.
 OWN_MODEL_MAX_LEN: Final = 2048
 OWN_MODEL_CPU_KV_CACHE: Final = "1G"
+# Asked of the vLLM venv's interpreter: the architectures this vLLM serves (about 12 s on a CPU).
+VLLM_ARCHITECTURES: Final = (
+    "import json, vllm; from vllm import ModelRegistry; "
+    "print(json.dumps([vllm.__version__, sorted(ModelRegistry.get_supported_archs())]))"
+)
 # Model names become part of ``ft:<base>:…`` names: no colons, nothing a URL would escape.
 MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -136,9 +141,34 @@ def catalogue_entry(folder: Path) -> BaseModelEntry:
     )
 
 
-def own_base_model(folder: Path, name: str | None) -> tuple[BaseModelEntry, ServedBase]:
+def check_vllm_serves(architecture: str) -> None:
+    """:class:`UnusableModel` unless the installed vLLM serves ``architecture`` (nothing to
+    check when vLLM is not installed: local mode then serves no inference).
+    """
+    python = default_vllm_python()
+    if not python.exists():
+        return
+    asked = subprocess.run(
+        [str(python), "-c", VLLM_ARCHITECTURES], capture_output=True, text=True, check=False
+    )
+    try:
+        version, served = json.loads(asked.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):  # vLLM would not start either; its start says why
+        log.warning("could not ask vLLM which architectures it serves: %s", asked.stderr[-500:])
+        return
+    if architecture not in served:
+        raise UnusableModel(
+            f"vLLM {version} does not serve {architecture}, so its fine-tuned models could "
+            "not answer (see vLLM's supported models)"
+        )
+
+
+def own_base_model(
+    folder: Path, name: str | None, *, servable: bool = True
+) -> tuple[BaseModelEntry, ServedBase]:
     """The catalogue entry and the serving of ``--model``'s folder, once
-    :mod:`kubetune_trainer.inspect_model` found it usable; :class:`UnusableModel` otherwise.
+    :mod:`kubetune_trainer.inspect_model` found it usable (and, with ``servable``, vLLM serves
+    its architecture); :class:`UnusableModel` otherwise.
     """
     folder = folder.expanduser().resolve()
     name = name or folder.name
@@ -159,6 +189,8 @@ def own_base_model(folder: Path, name: str | None) -> tuple[BaseModelEntry, Serv
         raise UnusableModel(f"{folder} could not be checked: {checked.stderr[-2000:]}") from None
     if checked.returncode != 0:
         raise UnusableModel(str(report["error"]))
+    if servable:
+        check_vllm_serves(report["architecture"])
     length = min(int(report["context_length"]), OWN_MODEL_MAX_LEN)
     print(f"Base model {name}: {report['architecture']} from {folder} ({length} tokens)")
     entry = BaseModelEntry(
@@ -337,7 +369,7 @@ def prepare(args: argparse.Namespace) -> tuple[Settings, ServedBase, str]:
     ours = [catalogue_entry(model)]
     served = ServedBase(BASE_MODEL, model, CONTEXT_LENGTH)
     if args.model is not None:
-        entry, served = own_base_model(args.model, args.model_name)
+        entry, served = own_base_model(args.model, args.model_name, servable=not args.no_vllm)
         ours.append(entry)
     names = {m.id for m in ours}
     catalogue = [*(m for m in settings.models if m.id not in names), *ours]

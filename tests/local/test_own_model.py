@@ -4,7 +4,9 @@ first, then listed, fine-tuned and served under its name by the real vLLM, throu
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,16 +50,25 @@ def server(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def test_a_folder_that_cannot_be_a_base_model_stops_local_mode_with_the_reason(
-    tmp_path: Path,
+    tmp_path: Path, model_folder: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
     argv = [sys.executable, "-m", "kubetune_local", "--data-dir", str(tmp_path / "data")]
+    # A causal LM by its config that this vLLM has never heard of.
+    unknown = tmp_path / "Unknown"
+    shutil.copytree(model_folder, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(
+        json.dumps({**config, "architectures": ["NoSuchForCausalLM"]})
+    )
+    no_vllm = ["--no-vllm"]
     for args, reason in (
-        (["--model", str(tmp_path)], "has no config.json"),
-        (["--model", str(tmp_path), "--model-name", "tiny-llama"], "cannot name a base model"),
+        ([*no_vllm, "--model", str(tmp_path)], "has no config.json"),
+        ([*no_vllm, "--model", str(tmp_path), "--model-name", "tiny-llama"], "cannot name"),
+        (["--model", str(unknown)], "does not serve NoSuchForCausalLM"),  # asked before it starts
     ):
         done = subprocess.run(
-            [*argv, "--no-vllm", *args],
+            [*argv, *args],
             env=env,
             cwd=REPO_ROOT,
             capture_output=True,
