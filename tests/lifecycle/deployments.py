@@ -349,8 +349,12 @@ class TrainJobDeployment(ClusterDeployment):
         assert jobset["status"]["restarts"] == backoff_limit
         failed = {c["type"]: c for c in jobset["status"]["conditions"]}["Failed"]
         assert failed["reason"] == "ReachedMaxRestarts"
-        codes = {c for p in self.testbed.trainers.pods(name) for c in p.exit_codes}
-        assert codes == {exit_code}
+        codes = [c for p in self.testbed.trainers.pods(name) for c in p.exit_codes]
+        # Each attempt failed with the trainer's code; a JobSet restart recreates every job, so
+        # a node whose trainer had not exited yet was stopped by it (SIGTERM: 143) - JobSet's
+        # documented restart, not a second failure.
+        assert codes.count(exit_code) >= backoff_limit + 1
+        assert set(codes) <= {exit_code, 128 + signal.SIGTERM}
 
     def check_paused(self, name: str) -> None:
         """The TrainJob and its JobSet are suspended, and Trainer v2 says so."""
