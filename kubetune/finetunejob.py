@@ -61,6 +61,17 @@ VLLM_UNSERVABLE_MODULES: Final = frozenset(
 )
 
 
+class SpecError(ValueError):
+    """A rule across fields of a spec, carrying the request parameter a client should fix:
+    pydantic places a model-level rule at the model's location, which names no parameter, so
+    the API reads ``param`` from here instead.
+    """
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def check_servable_targets(names: list[str]) -> list[str]:
     """``names`` if vLLM can serve LoRA weights on every one; a ValueError naming those it
     cannot (the embeddings and the output head).
@@ -330,10 +341,15 @@ class Method(CRModel):
     @model_validator(mode="after")
     def _method_specific(self) -> Self:
         if self.type is not MethodType.DPO and self.hyperparameters.beta is not None:
-            raise ValueError("hyperparameters.beta applies only to method type dpo")
+            raise SpecError(
+                "hyperparameters.beta applies only to method type dpo", param="hyperparameters"
+            )
         for knob in ("train_on_inputs", "packing"):
             if self.type is not MethodType.SUPERVISED and getattr(self.hyperparameters, knob):
-                raise ValueError(f"hyperparameters.{knob} applies only to method type supervised")
+                raise SpecError(
+                    f"hyperparameters.{knob} applies only to method type supervised",
+                    param="hyperparameters",
+                )
         return self
 
 
@@ -570,13 +586,16 @@ class FineTuneJobSpec(CRModel):
     @model_validator(mode="after")
     def _continued_from_an_adapter(self) -> Self:
         if self.model.startswith("ft:") and self.continue_from is None:
-            raise ValueError(
-                "an ft: model needs continueFrom.job, the job that produced it (the API sets it)"
+            raise SpecError(
+                "an ft: model needs continueFrom.job, the job that produced it (the API sets it)",
+                param="model",
             )
         if self.continue_from is not None and not self.model.startswith("ft:"):
-            raise ValueError("continueFrom needs model to be the ft: model it names")
+            raise SpecError("continueFrom needs model to be the ft: model it names", param="model")
         if self.continue_from is not None and self.adapter.type is AdapterType.FULL:
-            raise ValueError("continuing from an adapter trains an adapter: not type full")
+            raise SpecError(
+                "continuing from an adapter trains an adapter: not type full", param="adapter"
+            )
         return self
 
     @model_validator(mode="after")
@@ -586,22 +605,25 @@ class FineTuneJobSpec(CRModel):
             knob = (
                 "early_stopping_patience" if hp.early_stopping_patience else "use_best_checkpoint"
             )
-            raise ValueError(
+            raise SpecError(
                 f"hyperparameters.{knob} needs a validation_file: checkpoints are judged by "
-                "their validation loss"
+                "their validation loss",
+                param="validation_file",
             )
         if hp.use_best_checkpoint and self.adapter.type is AdapterType.FULL:
-            raise ValueError(
+            raise SpecError(
                 "hyperparameters.use_best_checkpoint needs an adapter (lora, qlora); a full "
-                "fine-tune's result is its last step"
+                "fine-tune's result is its last step",
+                param="hyperparameters",
             )
         return self
 
     @model_validator(mode="after")
     def _qlora_needs_gpus(self) -> Self:
         if self.adapter.type is AdapterType.QLORA and self.resources.gpus_per_node == 0:
-            raise ValueError(
-                "adapter type qlora needs gpusPerNode ≥ 1 (4-bit kernels are CUDA-only)"
+            raise SpecError(
+                "adapter type qlora needs gpusPerNode ≥ 1 (4-bit kernels are CUDA-only)",
+                param="adapter",
             )
         return self
 

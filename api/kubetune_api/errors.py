@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from kubetune.finetunejob import SpecError
 from kubetune_api.protocol import ErrorBody, ErrorResponse
 from kubetune_runtime.objectstore import store_unavailable
 
@@ -184,7 +185,8 @@ def _param_from_loc(loc: Sequence[int | str]) -> str | None:
 def validation_error(errors: Sequence[Any]) -> InvalidRequest:
     """Turn pydantic/FastAPI validation errors into one 400 naming the first bad parameter."""
     first = errors[0] if errors else {}
-    param = _param_from_loc(first.get("loc", ()))
+    cause = (first.get("ctx") or {}).get("error")
+    param = cause.param if isinstance(cause, SpecError) else _param_from_loc(first.get("loc", ()))
     messages = []
     for err in errors[:5]:
         where = _param_from_loc(err.get("loc", ()))

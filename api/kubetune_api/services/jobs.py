@@ -275,7 +275,6 @@ class JobService:
                 hyper = block.hyperparameters.model_dump()
         if req.n_evals is not None:
             hyper["n_evals"] = req.n_evals
-        self._check_selection(req, hyper)
         checkpointing = {
             "every_steps": hyper.pop("save_steps", None),
             "keep": hyper.pop("save_total_limit", None),
@@ -307,30 +306,6 @@ class JobService:
             return FineTuneJobSpec.model_validate({k: v for k, v in raw.items() if v is not None})
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
-
-    @staticmethod
-    def _check_selection(req: CreateFineTuningJobRequest, hyper: dict[str, Any]) -> None:
-        """Refuse early stopping or best-checkpoint selection that could not work: both judge
-        checkpoints by validation loss, and a full fine-tune publishes its last step only.
-
-        The FineTuneJob schema refuses the same for kubectl users; this names the parameter.
-        """
-        knob = next(
-            (k for k in ("early_stopping_patience", "use_best_checkpoint") if hyper.get(k)), None
-        )
-        if knob is not None and req.validation_file is None:
-            raise InvalidRequest(
-                f"hyperparameters.{knob} needs a validation_file: checkpoints are judged by "
-                "their validation loss.",
-                param="validation_file",
-            )
-        full = req.adapter is not None and req.adapter.type == "full"
-        if hyper.get("use_best_checkpoint") and full:
-            raise InvalidRequest(
-                "hyperparameters.use_best_checkpoint needs an adapter (lora, qlora); a full "
-                "fine-tune's result is its last step.",
-                param="hyperparameters",
-            )
 
     @staticmethod
     def _continuation(req: CreateFineTuningJobRequest, choice: ModelChoice) -> dict[str, Any]:
