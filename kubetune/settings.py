@@ -100,10 +100,18 @@ class LimitSettings(BaseModel):
     min_examples: int = Field(default=10, ge=1, description="Fewest examples in a training file.")
 
 
+# A base model's name becomes part of ``ft:<base>:<org>:…`` names and of URL paths: no colons
+# (the separator), no spaces, nothing a URL would escape; "/" stays allowed for Hub-style ids.
+BASE_MODEL_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
+
+
 class BaseModelEntry(BaseModel):
     """A base model users may fine-tune (the catalogue)."""
 
-    id: str = Field(min_length=1, max_length=256, description="Name used in requests.")
+    id: str = Field(
+        pattern=BASE_MODEL_ID_PATTERN,
+        description="Name used in requests: letters, digits, '.', '_', '-', '/'; up to 256.",
+    )
     owned_by: str = Field(default="kubetune", description="Shown in /v1/models.")
     created: int = Field(default=0, ge=0, description="Unix time shown in /v1/models.")
     tokenizer: Path | None = Field(

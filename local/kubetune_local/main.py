@@ -33,14 +33,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Final
 
 import uvicorn
 
-from kubetune.settings import BaseModelEntry, Mode, Settings
+from kubetune.settings import BASE_MODEL_ID_PATTERN, BaseModelEntry, Mode, Settings
 from kubetune_api.app import build_services, create_app
 from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
 from kubetune_api.backends.local import LocalJobBackend
@@ -81,8 +81,7 @@ VLLM_ARCHITECTURES: Final = (
     "import json, vllm; from vllm import ModelRegistry; "
     "print(json.dumps([vllm.__version__, sorted(ModelRegistry.get_supported_archs())]))"
 )
-# Model names become part of ``ft:<base>:…`` names: no colons, nothing a URL would escape.
-MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME: Final = re.compile(BASE_MODEL_ID_PATTERN)
 
 
 class Stop(Exception):
@@ -100,7 +99,7 @@ class ServedBase:
     name: str
     folder: Path
     max_model_len: int
-    kv_cache_bytes: str = "64M"  # on the CPU (the tiny model's needs)
+    kv_cache_bytes: str | None = None  # on the CPU; None: VllmLaunch's (the tiny model's)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -174,7 +173,7 @@ def own_base_model(
     name = name or folder.name
     if not MODEL_NAME.match(name) or name == BASE_MODEL:
         raise UnusableModel(
-            f"{name!r} cannot name a base model: 1-64 letters, digits, '.', '-' or '_', not "
+            f"{name!r} cannot name a base model: letters, digits, '.', '_', '-' or '/', not "
             f"{BASE_MODEL} (give --model-name)"
         )
     checked = subprocess.run(
@@ -268,9 +267,10 @@ def start_vllm(settings: Settings, served: ServedBase) -> tuple[ChildProcess, st
         python=python,
         max_lora_rank=settings.serving.max_lora_rank,
         max_model_len=served.max_model_len,
-        kv_cache_bytes=served.kv_cache_bytes,
         accelerator=accelerator,
     )
+    if served.kv_cache_bytes is not None:
+        launch = replace(launch, kv_cache_bytes=served.kv_cache_bytes)
     logs = settings.data_dir / "logs"
     where = "on the GPU" if accelerator is Accelerator.CUDA else "about 30 s on a CPU"
     print(f"Starting vLLM on {served.name} ({where}; log: {logs / 'vllm.log'})...")

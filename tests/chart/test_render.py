@@ -188,6 +188,7 @@ def test_several_operator_replicas_peer(full_docs: list[dict[str, Any]]) -> None
         (["vllm.maxLoraRank=7"], "/vllm/maxLoraRank"),
         (["models[0].id=x,models[0].name=Bad_Name,models[0].path=p"], "/models/0/name"),
         (["models[0].id=x,models[0].name=x"], "path"),  # required
+        (["models[0].id=a:b,models[0].name=x,models[0].path=p"], "/models/0/id"),
         (
             ["apiKeys.keys[0].name=a,apiKeys.keys[0].org=acme,apiKeys.keys[0].sha256=abc"],
             "/apiKeys/keys/0/sha256",
