@@ -7,8 +7,9 @@ After every fault the job must end ``succeeded`` with exactly the planned steps,
 adapter, one workload created once, no trainer process left, and its training file intact;
 after the API's crash the restarted API must show the job, its events and its file.
 
-``make test`` runs one round (each fault once per runtime); ``make test-faults`` runs
-``KUBETUNE_FAULT_ROUNDS`` rounds (from ``KUBETUNE_FAULT_FIRST_ROUND``, 0). Each test records
+``make test`` runs a sample (each fault once, the runtimes taking turns); ``make test-faults``
+runs ``KUBETUNE_FAULT_ROUNDS`` rounds (from ``KUBETUNE_FAULT_FIRST_ROUND``, 0) of every fault on
+every runtime. Each test records
 its fault and outcome; the root conftest prints the tally (faults injected, jobs recovered,
 lost, orphans, duplicates).
 """
@@ -36,10 +37,28 @@ from tests.lifecycle.test_lifecycle import first_checkpoint
 from tests.operator.conftest import ORG, PLANNED_STEPS, jsonl, sft_rows
 
 FAULTS = ("operator-sigkill", "trainer-sigkill", "s3-outage", "apiserver-restart", "api-sigkill")
+RUNTIMES = ("trainjob", "pytorchjob")
+# Without KUBETUNE_FAULT_ROUNDS (make test): the sample.
+FULL_SIZE = "KUBETUNE_FAULT_ROUNDS" in os.environ
 ROUNDS = int(os.environ.get("KUBETUNE_FAULT_ROUNDS", "1"))
 # Rounds are seeded by their number: a long run can be split (rounds 0-3, then 4-5) and still
 # inject exactly the faults of one run.
 FIRST_ROUND = int(os.environ.get("KUBETUNE_FAULT_FIRST_ROUND", "0"))
+
+
+def fault_cases() -> list[tuple[str, str, int]]:
+    """(runtime, fault, round) to run: every fault on every runtime per round at full size;
+    in the sample, each fault once, the runtimes taking turns (the trainer's SIGKILL lands on
+    the TrainJob, whose JobSet restarts every node).
+    """
+    if not FULL_SIZE:
+        return [(RUNTIMES[(i + 1) % 2], fault, 0) for i, fault in enumerate(FAULTS)]
+    return [
+        (runtime, fault, round_)
+        for round_ in range(FIRST_ROUND, ROUNDS)
+        for fault in FAULTS
+        for runtime in RUNTIMES
+    ]
 
 
 @dataclass
@@ -49,14 +68,9 @@ class ProxiedS3(S3Server):
     proxy: TcpProxy | None = None
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("trainjob", marks=pytest.mark.cluster),
-        pytest.param("pytorchjob", marks=pytest.mark.cluster),
-    ]
-)
+@pytest.fixture
 def runtime(request: pytest.FixtureRequest) -> str:
-    """The cluster runtimes (local mode's crashes are tests/local's)."""
+    """The cluster runtime of the case (local mode's crashes are tests/local's)."""
     return str(request.param)
 
 
@@ -197,8 +211,8 @@ def outcome_of(failure: AssertionError | None) -> str:
     return "lost"
 
 
-@pytest.mark.parametrize("round_", range(FIRST_ROUND, ROUNDS))
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.cluster
+@pytest.mark.parametrize(("runtime", "fault", "round_"), fault_cases(), indirect=["runtime"])
 def test_a_job_survives_a_fault_at_a_random_point(
     deployment: ClusterDeployment,
     kube: KubeCluster,
