@@ -47,6 +47,14 @@ ANNOTATION_MODEL_DELETED: Final = f"{GROUP}/model-deleted"
 # Set by the API when a checkpoint's model is asked for: when (Unix seconds) step N was last
 # used. The replicas serve the most recently used checkpoints of their base model.
 ANNOTATION_CHECKPOINT_USED_PREFIX: Final = f"{GROUP}/checkpoint-used-step-"
+# Merging a LoRA model into its base for a download: kubetune.io/merge-final (the final model)
+# or kubetune.io/merge-step-N. The API sets "requested"; the job driver merges and, when that
+# fails, writes "failed: <reason>"; the API, having told a client, sets "reported". Done is
+# the merged model's manifest in the store, not an annotation.
+ANNOTATION_MERGE_PREFIX: Final = f"{GROUP}/merge-"
+MERGE_REQUESTED: Final = "requested"
+MERGE_FAILED: Final = "failed: "
+MERGE_REPORTED: Final = "reported"
 
 # Org names appear in object-store keys and label values: a DNS-1123 label keeps both safe.
 ORG_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -497,6 +505,30 @@ def checkpoints_in_use(annotations: Mapping[str, str]) -> dict[int, float]:
             if math.isfinite(when):
                 used[int(step)] = when
     return used
+
+
+def merge_annotation(step: int | None) -> str:
+    """The annotation that asks for (and reports on) the merge of a job's final model
+    (``step`` None) or of checkpoint ``step``'s.
+    """
+    return f"{ANNOTATION_MERGE_PREFIX}{'final' if step is None else f'step-{step}'}"
+
+
+def merges_requested(annotations: Mapping[str, str]) -> list[int | None]:
+    """The models of a job whose merge is asked for and not yet tried: None for the final
+    model, else checkpoint steps (annotations written by hand that mean nothing are ignored).
+    """
+    wanted: list[int | None] = []
+    for key, value in sorted(annotations.items()):
+        head, mark, which = key.partition(ANNOTATION_MERGE_PREFIX)
+        if head or not mark or value != MERGE_REQUESTED:
+            continue
+        step = which.removeprefix("step-")
+        if which == "final":
+            wanted.append(None)
+        elif step != which and step.isdigit() and int(step) > 0:
+            wanted.append(int(step))
+    return wanted
 
 
 def base_of(model: str) -> str:

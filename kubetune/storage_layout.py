@@ -157,6 +157,18 @@ class StorageLayout:
         """Key of the manifest without which that model's weights do not exist (yet)."""
         return f"{self.model_prefix(org, job_id, step)}{MANIFEST_NAME}"
 
+    def merged_prefix(self, org: str, job_id: str, step: int | None = None) -> str:
+        """Folder of a LoRA model merged into its base (the final adapter's, or ``step``'s):
+        made on request, kept apart from the adapter, so the adapter's download and vLLM's
+        loads never pick it up.
+        """
+        which = "final" if step is None else f"step-{step:0{CHECKPOINT_DIGITS}d}"
+        return f"{self.job_prefix(org, job_id)}merged/{which}/"
+
+    def merged_manifest_key(self, org: str, job_id: str, step: int | None = None) -> str:
+        """Key of a merged model's manifest: written last; without it the merge is not done."""
+        return f"{self.merged_prefix(org, job_id, step)}{MANIFEST_NAME}"
+
     def results_key(self, org: str, job_id: str) -> str:
         """Key of the OpenAI-style results CSV."""
         return f"{self.job_prefix(org, job_id)}results.csv"

@@ -528,7 +528,7 @@ class ModelContentFormat(StrEnum):
     """What ``GET /v1/models/{model}/content`` returns (Together's ``checkpoint`` parameter)."""
 
     ADAPTER = "adapter"  # the LoRA adapter: adapter_config.json and adapter_model.safetensors
-    MERGED = "merged"  # a whole model (a full fine-tune's weights)
+    MERGED = "merged"  # a whole model: a full fine-tune, or a LoRA model merged into its base
 
 
 class ListModelsResponse(Wire):

@@ -1,5 +1,6 @@
 """Downloading a model's weights (``GET /v1/models/{model}/content``, a tar archive) with a
-progress bar, into a folder or as the archive itself.
+progress bar, into a folder or as the archive itself; a LoRA model's merged weights once the
+server has merged them (a spinner shows the wait).
 
 The OpenAI SDK has no call for this endpoint, so it goes through the SDK's client for
 undocumented endpoints (``client.get(..., cast_to=httpx2.Response)``): the same base URL, key,
@@ -16,6 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -24,10 +26,13 @@ from urllib.parse import quote
 import httpx2
 import openai
 
-from kubetune_cli.errors import ExitCode, fail
+from kubetune_cli.errors import ExitCode, fail, stderr
 from kubetune_cli.upload import progress_bar
 
 CHUNK_BYTES: Final = 1 << 20
+# The error code of a LoRA model the server is still merging for a merged download.
+MERGING: Final = "model_merging"
+MERGE_WAIT_SECONDS: Final = 3600.0
 # The SDK's own marker for "do not read the body" (what its with_streaming_response sends).
 STREAM_BODY: Final = {"X-Stainless-Raw-Response": "stream"}
 
@@ -69,11 +74,7 @@ def download_model(
     client: openai.OpenAI, model: str, weights: str, output: Path | None, *, extract: bool
 ) -> Path:
     """Download ``model``'s weights; returns the folder (or, not ``extract``ed, the archive)."""
-    response: httpx2.Response = client.get(
-        f"/models/{quote(model, safe=':')}/content",
-        cast_to=httpx2.Response,
-        options={"params": {"format": weights}, "headers": STREAM_BODY},
-    )
+    response = _archive_response(client, model, weights)
     try:
         name = archive_name(response, model)
         folder = name.removesuffix(".tar")
@@ -98,6 +99,37 @@ def download_model(
     finally:
         response.close()
     return target
+
+
+def _archive_response(client: openai.OpenAI, model: str, weights: str) -> httpx2.Response:
+    """The archive's response, its body not read yet. While the server merges a LoRA model
+    into its base first (503 ``model_merging``), a spinner shows the wait and the request is
+    made again when the server's ``Retry-After`` says.
+    """
+    path = f"/models/{quote(model, safe=':')}/content"
+    options: Any = {"params": {"format": weights}, "headers": STREAM_BODY}
+    started = time.monotonic()
+    with stderr.status(f"Merging {model} into its base model...") as spinner:
+        while True:
+            try:
+                response: httpx2.Response = client.get(
+                    path, cast_to=httpx2.Response, options=options
+                )
+                return response
+            except openai.APIStatusError as exc:
+                if exc.code != MERGING or time.monotonic() - started > MERGE_WAIT_SECONDS:
+                    raise
+                waited = int(time.monotonic() - started)
+                spinner.update(f"Merging {model} into its base model ({waited}s)...")
+                time.sleep(_retry_after(exc.response))
+
+
+def _retry_after(response: httpx2.Response) -> float:
+    """The server's ``Retry-After`` in seconds (a few when it gives none)."""
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.5), 60.0)
+    except ValueError:
+        return 5.0
 
 
 def _temporary_parent(target: Path) -> Path:

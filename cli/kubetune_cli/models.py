@@ -69,7 +69,11 @@ def download(
     ] = None,
     weights: Annotated[
         WeightsFormat,
-        typer.Option("--format", help="adapter (LoRA) or merged (a full fine-tune's model)."),
+        typer.Option(
+            "--format",
+            help="adapter (LoRA) or merged (the whole model: a LoRA model merged into its "
+            "base, or a full fine-tune's).",
+        ),
     ] = WeightsFormat.ADAPTER,
     keep_tar: Annotated[
         bool, typer.Option("--tar", help="Save the tar archive as it is, not extracted.")

@@ -24,6 +24,7 @@ from kubetune.finetunejob import (
 )
 from kubetune.settings import Settings
 from kubetune_api.backends.local import LocalJobBackend
+from kubetune_local.merges import LocalMerges
 from kubetune_local.runtime import LocalWorkload, SubprocessRuntime
 from kubetune_local.serving import LocalServing
 from kubetune_runtime.adapters import ReplicaAdapters
@@ -130,6 +131,14 @@ class LocalRunner:
             sink=JobLog(store, settings),
             faults=Faults.from_env(),
         )
+        self.merges = LocalMerges(
+            backend,
+            store,
+            settings.object_store.layout(),
+            settings.data_dir,
+            python=self.runtime.python,
+            host_env=self.runtime.host_env,
+        )
         self._states: dict[str, JobState] = {}
         self._serving_keys: dict[str, tuple[int, str | None]] = {}
         self._stop = threading.Event()
@@ -159,6 +168,7 @@ class LocalRunner:
         for thread in self._threads:
             thread.join()
         self.runtime.shutdown()
+        self.merges.close()
         self._states.clear()
         self.serving.close()
 
@@ -190,11 +200,13 @@ class LocalRunner:
         self._serve()
 
     def _serve(self) -> None:
-        """Sync the vLLMs, then the serving status of each succeeded job whose model or
-        deletion changed since its last serving pass (as the operator's status writers do).
+        """Sync the vLLMs and the merges asked for, then the serving status of each succeeded
+        job whose model or deletion changed since its last serving pass (as the operator's
+        status writers do).
         """
         jobs = self.backend.scan(unfinished=False)
         self.serving.sync(jobs)
+        self.merges.sync(jobs)
         for job in jobs:
             if job.status is None or job.status.phase is not JobPhase.SUCCEEDED:
                 continue

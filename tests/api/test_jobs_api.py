@@ -562,8 +562,7 @@ def test_a_model_and_its_checkpoints_download_as_tar_archives(api, training_file
         ({"model": f"{model}:ckpt-step-10"}, 404, "model", "model_not_found"),
         # A base model's weights are not the API's to hand out.
         ({"model": "tiny-llama"}, 400, "model", "model_not_downloadable"),
-        # A LoRA model is an adapter; an unknown format is a validation error.
-        ({"model": model, "format": "merged"}, 400, "format", "format_not_available"),
+        # An unknown format is a validation error (merged LoRA models: the next test).
         ({"model": model, "format": "gguf"}, 400, "format", None),
     ]
     for kwargs, status, param, code in refused:
@@ -574,6 +573,58 @@ def test_a_model_and_its_checkpoints_download_as_tar_archives(api, training_file
         if code is not None:
             assert error["code"] == code, error
     assert "ckpt-step-5, " in _download(api, f"{model}:ckpt-step-7").json()["error"]["message"]
+
+
+def test_a_lora_model_downloads_merged_once_its_job_driver_merged_it(api, training_file):
+    client = api.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training_file, suffix="mg"
+    )
+    model = f"ft:tiny-llama:acme:mg:{job.id[-8:]}"
+    _succeed_with_checkpoints(api, job.id, model, [5, 10])
+    adapter = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"a" * 999}
+    for step in (None, 5):
+        _store_weights(api, "acme", job.id, step, adapter)
+    backend = backend_of(api)
+    if not backend.merges_models:  # the operator does not merge (yet): say so, and how to
+        error = _download(api, model, format="merged").json()["error"]
+        assert (error["param"], error["code"]) == ("format", "format_not_available")
+        assert "merge_and_unload" in error["message"]
+        return
+
+    # Asked for: the job driver is asked to merge, and the client to come back.
+    for _ in range(2):
+        response = _download(api, model, format="merged")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"]["code"] == "model_merging"
+    assert backend.get("acme", job.id).metadata.annotations["kubetune.io/merge-final"] == (
+        "requested"
+    )
+    # Merged (as kubetune_trainer.merge publishes it: the manifest last): the whole model.
+    store, layout = store_of(api), settings_of(api).object_store.layout()
+    merged = {"config.json": b"{}", "model.safetensors": os.urandom(5000)}
+    for name, data in merged.items():
+        store.put_bytes(layout.merged_prefix("acme", job.id) + name, data)
+    store.put_bytes(layout.merged_manifest_key("acme", job.id), b'{"kind": "merged"}')
+    response = _download(api, model, format="merged")
+    assert response.status_code == 200, response.text
+    folder = f"ft-tiny-llama-acme-mg-{job.id[-8:]}"
+    members = _members(response)
+    assert list(members) == [f"{folder}/{n}" for n in (*merged, "manifest.json")]
+    assert members[f"{folder}/model.safetensors"] == merged["model.safetensors"]
+    # Another org still has no such model, merged or not.
+    assert _download(api, model, org="globex", format="merged").status_code == 404
+
+    # A merge that failed is told once, with the reason; asking again merges again.
+    checkpoint = f"{model}:ckpt-step-5"
+    backend.annotate("acme", job.id, {"kubetune.io/merge-step-5": "failed: out of memory"})
+    error = _download(api, checkpoint, format="merged").json()["error"]
+    assert (error["code"], error["param"]) == ("merge_failed", "model")
+    assert "out of memory" in error["message"]
+    assert _download(api, checkpoint, format="merged").status_code == 503
+    annotations = backend.get("acme", job.id).metadata.annotations
+    assert annotations["kubetune.io/merge-step-5"] == "requested"
 
 
 def error_message(call):

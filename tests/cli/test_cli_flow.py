@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -269,10 +271,41 @@ def test_models_download_extracts_the_weights_or_keeps_the_archive(cli_api, job_
     )
     assert refused.exit_code == ExitCode.API_ERROR
     assert "model_not_found" in refused.stderr
-    refused = run_cli([*g, "models", "download", model, "--format", "merged", "-o", str(other)])
+    # A merge that failed: the reason, and nothing written.
+    failed = {"kubetune.io/merge-step-4": "failed: out of memory"}
+    executor.backend.annotate("acme", job_id, failed)
+    refused = run_cli(
+        [*g, "models", "download", checkpoint, "--format", "merged", "-o", str(other)]
+    )
     assert refused.exit_code == ExitCode.API_ERROR
-    assert "format" in refused.stderr
+    assert "out of memory" in refused.stderr
+    assert "merge_failed" in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.tar", "pirate"]
+
+    # A LoRA model merged on request: the CLI waits while the server has it merged (the test
+    # plays local mode's merge, publishing once asked), then downloads the whole model.
+    merged = {"config.json": b"{}", "model.safetensors": b"m" * 5000}
+
+    def merge_when_asked() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = executor.backend.get("acme", job_id)
+            if job.metadata.annotations.get("kubetune.io/merge-final") == "requested":
+                break
+            time.sleep(0.2)
+        prefix = executor.layout.merged_prefix("acme", job_id)
+        for name, data in merged.items():
+            executor.store.put_bytes(prefix + name, data)
+        executor.store.put_bytes(executor.layout.merged_manifest_key("acme", job_id), b"{}")
+
+    merger = threading.Thread(target=merge_when_asked)
+    merger.start()
+    whole = out / "whole"
+    result = run_cli([*g, "models", "download", model, "--format", "merged", "-o", str(whole)])
+    merger.join()
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in whole.iterdir()) == sorted([*merged, "manifest.json"])
+    assert (whole / "model.safetensors").read_bytes() == merged["model.safetensors"]
 
 
 def test_list_json_is_plain_json(cli_api):

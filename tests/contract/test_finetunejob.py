@@ -146,3 +146,25 @@ def test_status_round_trips_through_the_wire_format():
 def test_fine_tuned_model_names_follow_openai(base, suffix, expected_prefix):
     name = fine_tuned_model_name(base, "acme", suffix, "ftjob-0mhx5k2ab00000000000001")
     assert name == expected_prefix + "00000001"
+
+
+def test_merge_requests_are_read_from_the_annotations_the_api_writes() -> None:
+    from kubetune.finetunejob import (
+        MERGE_FAILED,
+        MERGE_REPORTED,
+        MERGE_REQUESTED,
+        merge_annotation,
+        merges_requested,
+    )
+
+    annotations = {
+        merge_annotation(None): MERGE_REQUESTED,
+        merge_annotation(40): MERGE_REQUESTED,
+        merge_annotation(20): MERGE_FAILED + "out of memory",  # waits for the API to tell
+        merge_annotation(10): MERGE_REPORTED,  # told; not asked again yet
+        "kubetune.io/merge-step-x": MERGE_REQUESTED,  # written by hand, meaningless
+        "kubetune.io/merge-step-0": MERGE_REQUESTED,
+        "example.com/kubetune.io/merge-final": MERGE_REQUESTED,
+    }
+    assert merge_annotation(40) == "kubetune.io/merge-step-40"
+    assert merges_requested(annotations) == [None, 40]

@@ -18,6 +18,13 @@ def test_keys_follow_the_documented_layout():
         f"kt/orgs/acme/jobs/{JOB}/checkpoints/step-0000000120/manifest.json"
     )
     assert layout.adapter_prefix("acme", JOB) == f"kt/orgs/acme/jobs/{JOB}/adapter/"
+    # Merged models sit beside, never under, the adapter and checkpoint folders.
+    assert layout.merged_manifest_key("acme", JOB) == (
+        f"kt/orgs/acme/jobs/{JOB}/merged/final/manifest.json"
+    )
+    assert layout.merged_prefix("acme", JOB, 120) == (
+        f"kt/orgs/acme/jobs/{JOB}/merged/step-0000000120/"
+    )
     assert StorageLayout().file_key("acme", FILE) == f"orgs/acme/files/{FILE}"
 
 

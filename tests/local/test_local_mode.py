@@ -23,6 +23,7 @@ from openai import OpenAI
 from rich.console import Console
 
 from examples import demo
+from kubetune_cli.download import download_model
 from tests.local.server import LocalServer, processes_using
 
 pytestmark = pytest.mark.xdist_group("vllm")
@@ -148,6 +149,37 @@ def test_demo_continues_training_and_downloads_the_adapter(
     config = json.loads((run.download / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["r"] == (run.first.job.model_extra or {})["adapter"]["r"]
+
+
+def test_the_fine_tuned_model_downloads_merged_into_its_base(
+    client: OpenAI, finished_demo: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = finished_demo["job"].fine_tuned_model
+    # The first ask starts local mode's merge; `kubetune models download`'s code waits for it.
+    folder = download_model(client, model, "merged", tmp_path / "merged", extract=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["model"]) == ("merged", model)
+    assert {p.name for p in folder.iterdir()} == {*manifest["files"], "manifest.json"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+    # A plain Hugging Face model that answers as the fine-tuned model does, not as the base.
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer: Any = AutoTokenizer.from_pretrained(folder)
+    prompt: Any = tokenizer.apply_chat_template(
+        [{"role": "system", "content": demo.SYSTEM}, {"role": "user", "content": demo.QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = merged.generate(**prompt, max_new_tokens=8, do_sample=False)
+    reply = str(tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert reply.startswith("Arr"), reply  # what the dataset taught
 
 
 def test_inference_proxy(

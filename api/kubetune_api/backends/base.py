@@ -60,6 +60,10 @@ class OrgUsage:
 class JobBackend(ABC):
     """Storage of FineTuneJobs for the API."""
 
+    # Whether this backend's job driver merges LoRA models into their base on request (the
+    # merge annotations): local mode's does; the operator does not yet.
+    merges_models: bool = False
+
     @abstractmethod
     def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
         """Store a new job; with an idempotency key already used by this org, return that

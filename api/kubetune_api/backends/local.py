@@ -34,6 +34,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (org, idempotency_key
 class LocalJobBackend(JobBackend):
     """SQLite-backed job store; safe to share between threads."""
 
+    merges_models = True  # local mode's job loop runs kubetune_trainer.merge
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)

@@ -57,7 +57,7 @@ def download_model(
     model: str,
     weights: Annotated[
         ModelContentFormat,
-        Query(alias="format", description="adapter (LoRA) or merged (a whole model)."),
+        Query(alias="format", description="adapter (LoRA) or merged (the whole model)."),
     ] = ModelContentFormat.ADAPTER,
 ) -> StreamingResponse:
     """The weights of a fine-tuned model or of one of its checkpoints, as a tar archive."""

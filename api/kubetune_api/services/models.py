@@ -9,13 +9,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from kubetune.finetunejob import AdapterType, FineTuneJob, JobPhase
+from kubetune.finetunejob import (
+    MERGE_FAILED,
+    MERGE_REPORTED,
+    MERGE_REQUESTED,
+    AdapterType,
+    FineTuneJob,
+    JobPhase,
+    merge_annotation,
+)
 from kubetune.ids import id_timestamp
 from kubetune.storage_layout import MANIFEST_NAME
 from kubetune_api.archive import Member, archive_length, stream_archive
 from kubetune_api.auth import Principal
 from kubetune_api.backends.base import ANNOTATION_MODEL_DELETED, JobBackend
-from kubetune_api.errors import InvalidRequest, NotFound, PermissionDenied
+from kubetune_api.errors import (
+    APIError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from kubetune_api.protocol import (
     DeleteModelResponse,
     ListModelsResponse,
@@ -26,6 +40,8 @@ from kubetune_api.services.jobs import JobService
 
 # What a checkpoint holds besides the weights, only to resume training (Trainer's and
 # DeepSpeed's state): never part of a download.
+# How long a client waits between asks while a model is merged.
+MERGE_RETRY_SECONDS: Final = 5
 _TRAINING_STATE: Final = re.compile(
     r"^(optimizer|scheduler|rng_state|trainer_state|training_args|global_step|scaler)"
 )
@@ -127,7 +143,7 @@ class ModelService:
                 code="model_not_downloadable",
             )
         job, step = self.jobs.fine_tuned_model(principal, model)
-        _check_format(job, model, fmt)
+        _check_format(job, model, fmt, merges=self.backend.merges_models)
         store, layout = self.jobs.store, self.jobs.layout
         org, job_id = job.spec.org, job.metadata.name
         if not store.exists(layout.model_manifest_key(org, job_id, step)):
@@ -136,7 +152,10 @@ class ModelService:
                 param="model",
                 code="model_not_found",
             )
-        prefix = layout.model_prefix(org, job_id, step)
+        if fmt is ModelContentFormat.MERGED and job.spec.adapter.type is not AdapterType.FULL:
+            prefix = self._merged_prefix(job, step, model)
+        else:
+            prefix = layout.model_prefix(org, job_id, step)
         folder = archive_folder(model)
         members = [
             Member(f"{folder}/{rel}", info.key, info.size, info.last_modified.timestamp())
@@ -149,9 +168,39 @@ class ModelService:
             f"{folder}.tar", archive_length(members), stream_archive(store, members)
         )
 
+    def _merged_prefix(self, job: FineTuneJob, step: int | None, model: str) -> str:
+        """Where the LoRA model merged into its base is, once merged. Until then the job
+        driver is asked to merge it (a 503 ``model_merging`` with ``Retry-After`` each time);
+        a merge that failed is told once, and the next request tries again.
+        """
+        store, layout = self.jobs.store, self.jobs.layout
+        org, job_id = job.spec.org, job.metadata.name
+        if store.exists(layout.merged_manifest_key(org, job_id, step)):
+            return layout.merged_prefix(org, job_id, step)
+        key = merge_annotation(step)
+        state = job.metadata.annotations.get(key, "")
+        if state.startswith(MERGE_FAILED):
+            self.backend.annotate(org, job_id, {key: MERGE_REPORTED})
+            raise APIError(
+                f"Merging '{model}' into its base model failed: {state[len(MERGE_FAILED) :]}",
+                param="model",
+                code="merge_failed",
+            )
+        if state != MERGE_REQUESTED:
+            self.backend.annotate(org, job_id, {key: MERGE_REQUESTED})
+        raise ServiceUnavailable(
+            f"'{model}' is being merged into its base model (minutes for a large model); "
+            f"retry in {MERGE_RETRY_SECONDS} seconds.",
+            param="model",
+            code="model_merging",
+            headers={"retry-after": str(MERGE_RETRY_SECONDS)},
+        )
 
-def _check_format(job: FineTuneJob, model: str, fmt: ModelContentFormat) -> None:
-    """A LoRA model downloads as its adapter; a full fine-tune as the whole model."""
+
+def _check_format(job: FineTuneJob, model: str, fmt: ModelContentFormat, *, merges: bool) -> None:
+    """A LoRA model downloads as its adapter, or merged where the job driver merges; a full
+    fine-tune as the whole model.
+    """
     full = job.spec.adapter.type is AdapterType.FULL
     if fmt is ModelContentFormat.ADAPTER and full:
         raise InvalidRequest(
@@ -160,9 +209,10 @@ def _check_format(job: FineTuneJob, model: str, fmt: ModelContentFormat) -> None
             param="format",
             code="format_not_available",
         )
-    if fmt is ModelContentFormat.MERGED and not full:
+    if fmt is ModelContentFormat.MERGED and not full and not merges:
         raise InvalidRequest(
-            f"Merged weights of the LoRA model '{model}' are not available: download "
+            f"Merged weights of the LoRA model '{model}' are not available on this "
+            "deployment: download "
             "format=adapter and merge it with PEFT (PeftModel.from_pretrained(base, "
             "folder).merge_and_unload()).",
             param="format",
