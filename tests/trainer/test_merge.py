@@ -23,7 +23,8 @@ from kubetune_trainer.checkpoints import file_digests
 from tests.trainer.harness import ORG, REPO, Job, make_job, trainer_env
 from tests.trainer.tiny import jsonl, sft_examples
 
-pytestmark = pytest.mark.trainer
+# One training run serves both tests: keep them on one worker.
+pytestmark = [pytest.mark.trainer, pytest.mark.xdist_group("merge")]
 
 
 def _merge(job: Job, step: int | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,13 +46,17 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@pytest.fixture
-def trained(
-    tiny_model: Path, local_store: tuple[LocalObjectStore, ObjectStoreSettings], tmp_path: Path
-) -> Job:
-    """A 20-step LoRA job (checkpoints at 15 and 20 kept)."""
-    store, settings = local_store
-    job = make_job(store, settings, tiny_model, tmp_path / "job", jsonl(sft_examples(40)))
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Job:
+    """A 20-step LoRA job (checkpoints at 15 and 20 kept), trained once for these tests (each
+    merges other models of it).
+    """
+    root = tmp_path_factory.mktemp("merge")
+    store, settings = (
+        LocalObjectStore(root / "store"),
+        ObjectStoreSettings(local_root=root / "store"),
+    )
+    job = make_job(store, settings, tiny_model, root / "job", jsonl(sft_examples(40)))
     assert job.run() == 0, (job.workdir / "log-0.txt").read_text()[-3000:]
     return job
 
