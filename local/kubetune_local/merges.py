@@ -66,6 +66,8 @@ class LocalMerges:
         self.python = python
         self.host_env = host_env
         self.running: RunningMerge | None = None
+        # Models found merged: their "requested" annotation stays, the store is not asked again.
+        self._merged: set[tuple[str, int | None]] = set()
 
     def sync(self, jobs: Sequence[FineTuneJob]) -> None:
         """Reap the merge that ended, then start the next one asked for."""
@@ -80,9 +82,13 @@ class LocalMerges:
                 continue
             for step in merges_requested(job.metadata.annotations):
                 org, name = job.spec.org, job.metadata.name
-                if not self.store.exists(self.layout.merged_manifest_key(org, name, step)):
-                    self.running = RunningMerge(job, step, self._start(job, step))
-                    return
+                if (name, step) in self._merged:
+                    continue
+                if self.store.exists(self.layout.merged_manifest_key(org, name, step)):
+                    self._merged.add((name, step))
+                    continue
+                self.running = RunningMerge(job, step, self._start(job, step))
+                return
 
     def close(self) -> None:
         """Stop the merge in progress (it starts again on the next start)."""
