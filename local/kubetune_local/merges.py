@@ -95,7 +95,8 @@ class LocalMerges:
             [*argv, *([] if step is None else ["--step", str(step)])],
             env=env,
             cwd=folder,
-            log_path=self.data_dir / "logs" / f"{name}-merge-{which}.log",
+            # Not "<job>-N.log": those are the trainer's launches.
+            log_path=self.data_dir / "logs" / f"merge-{name}-{which}.log",
             grace=MERGE_GRACE_SECONDS,
             registry=children_registry(self.data_dir),
         )
