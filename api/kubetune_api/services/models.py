@@ -38,10 +38,10 @@ from kubetune_api.protocol import (
 )
 from kubetune_api.services.jobs import JobService
 
-# What a checkpoint holds besides the weights, only to resume training (Trainer's and
-# DeepSpeed's state): never part of a download.
 # How long a client waits between asks while a model is merged.
 MERGE_RETRY_SECONDS: Final = 5
+# What a checkpoint holds besides the weights, only to resume training (Trainer's and
+# DeepSpeed's state): never part of a download.
 _TRAINING_STATE: Final = re.compile(
     r"^(optimizer|scheduler|rng_state|trainer_state|training_args|global_step|scaler)"
 )
