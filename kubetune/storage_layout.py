@@ -169,6 +169,10 @@ class StorageLayout:
         """Key of a merged model's manifest: written last; without it the merge is not done."""
         return f"{self.merged_prefix(org, job_id, step)}{MANIFEST_NAME}"
 
+    def merge_failure_key(self, org: str, job_id: str, step: int | None = None) -> str:
+        """Key of why the last merge of that model failed (beside its folder, never in it)."""
+        return f"{self.merged_prefix(org, job_id, step).rstrip('/')}.failure.json"
+
     def results_key(self, org: str, job_id: str) -> str:
         """Key of the OpenAI-style results CSV."""
         return f"{self.job_prefix(org, job_id)}results.csv"

@@ -16,25 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from kubetune.finetunejob import (
-    MERGE_FAILED,
-    FineTuneJob,
-    JobPhase,
-    merge_annotation,
-    merges_requested,
-)
+from kubetune.finetunejob import FineTuneJob, merge_annotation, merges_requested
 from kubetune.storage_layout import StorageLayout
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_local.policy import trainer_env
 from kubetune_local.process import ChildProcess, children_registry
+from kubetune_runtime.merges import failure_annotation, merges_waiting
 from kubetune_runtime.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
 MERGE_MODULE: Final = "kubetune_trainer.merge"
 MERGE_GRACE_SECONDS: Final = 10.0
-# How much of a failed merge's log its annotation carries.
-REASON_CHARS: Final = 500
 
 
 @dataclass
@@ -66,8 +59,6 @@ class LocalMerges:
         self.python = python
         self.host_env = host_env
         self.running: RunningMerge | None = None
-        # Models found merged: their "requested" annotation stays, the store is not asked again.
-        self._merged: set[tuple[str, int | None]] = set()
 
     def sync(self, jobs: Sequence[FineTuneJob]) -> None:
         """Reap the merge that ended, then start the next one asked for."""
@@ -78,15 +69,9 @@ class LocalMerges:
             self._ended(self.running, code)
             self.running = None
         for job in jobs:
-            if job.status is None or job.status.phase is not JobPhase.SUCCEEDED:
+            if not merges_requested(job.metadata.annotations):
                 continue
-            for step in merges_requested(job.metadata.annotations):
-                org, name = job.spec.org, job.metadata.name
-                if (name, step) in self._merged:
-                    continue
-                if self.store.exists(self.layout.merged_manifest_key(org, name, step)):
-                    self._merged.add((name, step))
-                    continue
+            for step in merges_waiting(job, self.store, self.layout):
                 self.running = RunningMerge(job, step, self._start(job, step))
                 return
 
@@ -122,7 +107,8 @@ class LocalMerges:
             log.info("%s merged", merge.process.name)
             return
         lines = [line for line in merge.process.log_tail().splitlines() if line.strip()]
-        reason = (lines[-1] if lines else f"exit status {code}")[-REASON_CHARS:]
-        log.warning("%s failed: %s", merge.process.name, reason)
-        annotation = {merge_annotation(merge.step): MERGE_FAILED + reason}
-        self.backend.annotate(org, name, annotation)
+        value = failure_annotation(
+            self.store, self.layout, merge.job, merge.step, lines[-1] if lines else f"exit {code}"
+        )
+        log.warning("%s failed: %s", merge.process.name, value)
+        self.backend.annotate(org, name, {merge_annotation(merge.step): value})

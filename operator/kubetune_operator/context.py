@@ -14,6 +14,7 @@ from kubetune.finetunejob import FineTuneJob
 from kubetune.settings import Settings, WorkloadKind
 from kubetune.storage_layout import StorageLayout
 from kubetune_operator.kube import KubeClient, KubeJobStore
+from kubetune_operator.merges import ClusterMerges
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.pytorchjob import PYTORCHJOB_WORKLOAD
 from kubetune_operator.trainjob import TRAINJOB_WORKLOAD
@@ -85,6 +86,9 @@ class OperatorContext:
             namespace,
             self.faults,
             kueue=self.settings.queueing.kueue,
+        )
+        self.merges = ClusterMerges(
+            self.kube, self.store, self.settings.object_store.layout(), opts
         )
         self.driver: JobDriver[WorkloadView] = JobDriver(
             settings=self.settings,

@@ -11,7 +11,8 @@
   its job is admitted, and why not, from memory too.
 - A deletion handler (kopf's finalizer) deletes the children explicitly; a job whose passes
   keep failing fails after ``max_reconcile_failures`` of them in a row.
-- The webhook sender and the serving handlers (:mod:`kubetune_operator.serving_handlers`).
+- The webhook sender, the serving handlers (:mod:`kubetune_operator.serving_handlers`) and the
+  merge handlers (:mod:`kubetune_operator.merge_handlers`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kubetune.lifecycle import WORKER_PHASES, is_terminal
 from kubetune_operator.context import OperatorContext
 from kubetune_operator.kueue import KUEUE_WORKLOAD, Admission, admission, owner_name
 from kubetune_operator.loops import ChangePoller, Wait, failure_logger, on_active_peer
+from kubetune_operator.merge_handlers import register_merges
 from kubetune_operator.metrics import IndexedJob, serve
 from kubetune_operator.serving_handlers import register_serving
 from kubetune_operator.workloads import WorkloadView
@@ -97,6 +99,7 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     if ctx.settings.webhooks.enabled:
         register_webhook_sender(registry, ctx)
     register_serving(registry, ctx)
+    register_merges(registry, ctx)
 
 
 def _register_process(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:

@@ -76,6 +76,7 @@ class KubeClient:
 
         self.custom: Any = client.CustomObjectsApi(self.api_client)
         self.core: Any = client.CoreV1Api(self.api_client)
+        self.batch: Any = client.BatchV1Api(self.api_client)
 
     # -- FineTuneJobs ------------------------------------------------------------------------
     def patch_job_status(
@@ -109,6 +110,21 @@ class KubeClient:
             GROUP, VERSION, namespace, PLURAL, name
         )
         return result
+
+    def annotate_job(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge ``annotations`` into a FineTuneJob's metadata (a job gone is fine)."""
+        from kubernetes.client.exceptions import ApiException
+
+        body = {"metadata": {"annotations": annotations}}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            _retry_on_server_errors(exc, f"annotating {name}")
+            raise
 
     def list_jobs(self, namespace: str) -> list[dict[str, Any]]:
         """Every FineTuneJob in ``namespace`` (one LIST; for sweeps at startup)."""
@@ -198,6 +214,35 @@ class KubeClient:
             read=lambda name: self.custom.get_namespaced_custom_object(*args, name),
             patch=lambda name, body: self.custom.patch_namespaced_custom_object(*args, name, body),
         )
+
+    def ensure_batch_job(self, manifest: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+        """Create a batch/v1 Job (a merge), or adopt the existing one."""
+        namespace = manifest["metadata"]["namespace"]
+        return self._ensure(
+            manifest,
+            owner,
+            create=lambda body: self.batch.create_namespaced_job(
+                namespace, body, _preload_content=False
+            ),
+            read=lambda name: self.batch.read_namespaced_job(
+                name, namespace, _preload_content=False
+            ),
+            patch=lambda name, body: self.batch.patch_namespaced_job(
+                name, namespace, body, _preload_content=False
+            ),
+        )
+
+    def delete_batch_job(self, namespace: str, name: str) -> None:
+        """Delete a batch/v1 Job and, in the background, its pods; gone is fine."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            _retry_on_server_errors(exc, f"deleting Job {name}")
+            raise
 
     def patch_workload(
         self, kind: Kind, namespace: str, name: str, patch: dict[str, Any], what: str

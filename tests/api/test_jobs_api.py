@@ -586,12 +586,6 @@ def test_a_lora_model_downloads_merged_once_its_job_driver_merged_it(api, traini
     for step in (None, 5):
         _store_weights(api, "acme", job.id, step, adapter)
     backend = backend_of(api)
-    if not backend.merges_models:  # the operator does not merge (yet): say so, and how to
-        error = _download(api, model, format="merged").json()["error"]
-        assert (error["param"], error["code"]) == ("format", "format_not_available")
-        assert "merge_and_unload" in error["message"]
-        return
-
     # Asked for: the job driver is asked to merge, and the client to come back.
     for _ in range(2):
         response = _download(api, model, format="merged")

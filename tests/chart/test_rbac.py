@@ -83,6 +83,8 @@ def test_the_operator_touches_only_what_it_must(
         ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
         workload: read | {"create", "patch", "update", "delete"},
         ("", "configmaps"): read | {"create", "patch", "update", "delete"},
+        # The Jobs that merge a LoRA model for a download, deleted once they ended.
+        ("batch", "jobs"): read | {"create", "patch", "delete"},
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
         ("", "pods"): read,

@@ -25,6 +25,9 @@ def test_keys_follow_the_documented_layout():
     assert layout.merged_prefix("acme", JOB, 120) == (
         f"kt/orgs/acme/jobs/{JOB}/merged/step-0000000120/"
     )
+    assert layout.merge_failure_key("acme", JOB, 120) == (
+        f"kt/orgs/acme/jobs/{JOB}/merged/step-0000000120.failure.json"
+    )
     assert StorageLayout().file_key("acme", FILE) == f"orgs/acme/files/{FILE}"
 
 

@@ -15,7 +15,7 @@ local process, as the kubelet would run the container:
   Secrets/ConfigMaps (read from the apiserver), the container's ``env`` values, then what the
   controller injects (which wins);
 - the image's entrypoint is ``entrypoint`` (a host command) unless the container has a
-  ``command``;
+  ``command``; a command's ``python`` is this venv's interpreter;
 - stopping a pod is the kubelet's: SIGTERM to the main process, as to a container's PID 1, then
   SIGKILL to its process group once the grace period (capped at ``grace_cap``) is over.
 
@@ -164,6 +164,8 @@ class Kubelet:
         # The image's entrypoint is a host command (this venv's python), not a container path:
         # only what the container spec says is translated to the volumes mounted here.
         command = [self._translate(c, mounts) for c in container.get("command") or []]
+        if command[:1] == ["python"]:  # the image's interpreter: this venv's, untranslated
+            command[0] = sys.executable  # (a venv under /tmp is not the pod's /tmp volume)
         argv = [
             *(command or self.entrypoint),
             *(self._translate(a, mounts) for a in container.get("args") or []),

@@ -25,7 +25,11 @@ from typing import Any
 
 from kubetune.events import JobEvent, read_events
 from kubetune.finetunejob import (
+    GROUP,
     KIND,
+    LABEL_JOB,
+    PLURAL,
+    VERSION,
     ConditionStatus,
     FineTuneJob,
     FineTuneJobStatus,
@@ -90,6 +94,14 @@ class Deployment(ABC):
         """Set ``cancel`` or ``suspend``, as the API and ``kubectl patch`` do."""
 
     # -- what a user sees ----------------------------------------------------------------------
+    @abstractmethod
+    def annotate(self, name: str, annotations: dict[str, str]) -> None:
+        """Annotate the job, as the API does (a merge, a deleted model)."""
+
+    @abstractmethod
+    def merging(self, name: str) -> int:
+        """Merges of the job's models under way (Jobs on a cluster, children locally)."""
+
     @abstractmethod
     def status(self, name: str) -> FineTuneJobStatus:
         """The job's status (empty before the first pass)."""
@@ -209,6 +221,24 @@ class ClusterDeployment(Deployment):
     def patch_spec(self, name: str, **fields: bool) -> None:
         """``kubectl patch --type merge``."""
         self.testbed.patch_spec(name, **fields)
+
+    def annotate(self, name: str, annotations: dict[str, str]) -> None:
+        """``kubectl annotate``, as a merge patch."""
+        self.testbed.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.testbed.namespace,
+            PLURAL,
+            name,
+            {"metadata": {"annotations": annotations}},
+        )
+
+    def merging(self, name: str) -> int:
+        """The job's merge Jobs in the apiserver (deleted once they ended)."""
+        jobs = self.testbed.custom.list_namespaced_custom_object(
+            "batch", "v1", self.testbed.namespace, "jobs", label_selector=f"{LABEL_JOB}={name}"
+        )["items"]
+        return len(jobs)
 
     def status(self, name: str) -> FineTuneJobStatus:
         """From the apiserver."""
@@ -425,6 +455,15 @@ class LocalDeployment(Deployment):
     def patch_spec(self, name: str, **fields: bool) -> None:
         """Set the flags in SQLite, as the API does."""
         self.backend.patch_spec(ORG, name, **fields)
+
+    def annotate(self, name: str, annotations: dict[str, str]) -> None:
+        """In SQLite, as the API does."""
+        self.backend.annotate(ORG, name, annotations)
+
+    def merging(self, name: str) -> int:
+        """1 while the runner's merge child runs for the job."""
+        running = self.runner.merges.running
+        return int(running is not None and running.job.metadata.name == name)
 
     def status(self, name: str) -> FineTuneJobStatus:
         """From SQLite."""

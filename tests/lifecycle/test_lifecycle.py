@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from kubetune.events import EventType, JobEvent
-from kubetune.finetunejob import ConditionStatus, ErrorKind, JobPhase
+from kubetune.finetunejob import (
+    MERGE_REQUESTED,
+    ConditionStatus,
+    ErrorKind,
+    JobPhase,
+    merge_annotation,
+)
 from kubetune.ids import new_file_id
 from kubetune.trainer_config import TrainerConfig
 from kubetune.trainer_events import TrainerEventKind, event_kind
@@ -140,6 +146,16 @@ def test_a_job_is_validated_queued_trained_succeeds_and_is_served(
     assert f"New fine-tuned model created: {status.fine_tuned_model}" in messages
     assert messages[-1] == done
     assert webhook_event(deployment, name) == "fine_tuning.job.succeeded"
+
+    # Merged for a download when the API asks (format=merged): the trainer image's merge runs
+    # (a Job on a cluster, a child locally), publishes the whole model and is cleaned up.
+    deployment.annotate(name, {merge_annotation(None): MERGE_REQUESTED})
+    merged_key = layout.merged_manifest_key(ORG, name)
+    deployment.wait(lambda: deployment.store.exists(merged_key), "the merged model", timeout=180)
+    merged = deployment.store.get_json(merged_key)
+    assert merged["model"] == status.fine_tuned_model
+    assert {"config.json", "model.safetensors"} <= set(merged["files"])
+    deployment.wait(lambda: deployment.merging(name) == 0, "the merge to be cleaned up")
     deployment.check_succeeded(name, status)
 
 

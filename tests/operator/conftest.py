@@ -21,8 +21,10 @@ from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJobS
 from kubetune.ids import new_job_id
 from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune.settings import ObjectStoreSettings
+from kubetune_operator.merges import COMPONENT_LABEL, MERGE_COMPONENT
 from kubetune_runtime.objectstore import ObjectStore, S3ObjectStore
 from tests.chart.chart import CHART, parse_manifests
+from tests.harness.batch_jobs import BatchJobs
 from tests.harness.crds import JOBSET_CRDS, KUEUE_CRDS, TRAINER_V2_CRDS
 from tests.harness.files import store_training_file
 from tests.harness.kube import KubeCluster
@@ -161,6 +163,7 @@ class Testbed:
     trainers: Any  # TrainingOperator (PyTorchJobs) or TrainerV2 (TrainJobs), by ``runtime``
     runtime: str = "pytorchjob"
     kueue: Kueue | None = None  # the Kueue stand-in, when the testbed has one
+    merges: BatchJobs | None = None  # the Job controller's stand-in, for the merge Jobs
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -278,6 +281,8 @@ class Testbed:
                 parts.append(f"status: unavailable ({exc!r})")
             parts.append(f"replica logs:\n{self.trainers.logs(name)}")
         parts.append(f"fixture errors: {self.trainers.errors[-5:]}")
+        if self.merges is not None:
+            parts.append(f"merge Job errors: {self.merges.errors[-5:]}")
         if self.kueue is not None:
             parts.append(f"kueue errors: {self.kueue.errors[-5:]}, flips: {self.kueue.flips}")
         parts.append(self.operator.logs())
@@ -418,6 +423,14 @@ def make_testbed(
             kueue = Kueue(kube.api_client(), namespace, kind, quota=kueue_quota).start()
             operator_environment["KUBETUNE_QUEUEING__KUEUE"] = "true"
         operator = OperatorProcess(operator_environment, tmp_path)
+        merges = BatchJobs(
+            kube.api_client(),
+            namespace,
+            tmp_path / "merges",
+            node_env=NODE_ENV,
+            labels={COMPONENT_LABEL: MERGE_COMPONENT},
+            poll=0.5,
+        ).start()
         testbed = Testbed(
             namespace=namespace,
             store=S3ObjectStore(s3.bucket, client=s3.client(), internal_prefix=namespace),
@@ -428,6 +441,7 @@ def make_testbed(
             trainers=trainers,
             runtime=runtime,
             kueue=kueue,
+            merges=merges,
         )
         made.append(testbed)
         if start_operator:
@@ -438,6 +452,8 @@ def make_testbed(
     for testbed in made:
         testbed.operator.stop()
         testbed.trainers.stop()
+        if testbed.merges is not None:
+            testbed.merges.stop()
         if testbed.kueue is not None:
             testbed.kueue.stop()
 

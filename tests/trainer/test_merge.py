@@ -112,3 +112,6 @@ def test_a_merge_is_done_once_and_a_checkpoint_gone_is_a_user_error(trained: Job
     assert gone.returncode == exit_codes.USER_ERROR
     assert "no longer stored" in gone.stderr
     assert not store.exists(layout.merged_manifest_key(ORG, job.config.job_id, 5))
+    # ...and says so in the store, where the operator (which reads no pod logs) finds it.
+    failure = store.get_json(layout.merge_failure_key(ORG, job.config.job_id, 5))
+    assert "no longer stored" in failure["message"]

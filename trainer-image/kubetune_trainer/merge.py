@@ -11,7 +11,8 @@ manifest is the commit marker: a merge cut short leaves none, and the next reque
 again. A merge already published is not redone.
 
 Exit status: 0 published (or already there), 65 (:data:`~kubetune_trainer.exit_codes.USER_ERROR`)
-when the model's weights are gone, 70 on anything else.
+when the model's weights are gone, 70 on anything else; a failure also leaves its reason in the
+store (``StorageLayout.merge_failure_key``) for the job driver to pass on.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def merge(config: TrainerConfig, step: int | None, workdir: Path) -> str:
     if store.exists(layout.merged_manifest_key(org, job_id, step)):
         log.info("%s is merged already", out_prefix)
         return out_prefix
+    store.delete(layout.merge_failure_key(org, job_id, step))  # an earlier try's
     source_prefix = layout.model_prefix(org, job_id, step)
     adapter = _fetch_adapter(store, source_prefix, workdir / "adapter")
     source = json.loads(store.get_bytes(layout.model_manifest_key(org, job_id, step)))
@@ -128,13 +130,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge(config, args.step, workdir)
     except (UserError, ObjectNotFound) as exc:
         log.error("cannot merge: %s", exc)
+        record_failure(config, args.step, str(exc))
         return exit_codes.USER_ERROR
-    except Exception:
+    except Exception as exc:
         log.exception("the merge failed")
+        record_failure(config, args.step, f"{type(exc).__name__}: {exc}")
         return exit_codes.INTERNAL_ERROR
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return exit_codes.SUCCESS
+
+
+def record_failure(config: TrainerConfig, step: int | None, reason: str) -> None:
+    """Leave why the merge failed in the store, for the job driver to tell the API (a pod's
+    log is not something the operator reads); best effort: the store may be what failed.
+    """
+    layout = config.object_store.layout()
+    key = layout.merge_failure_key(config.org, config.job_id, step)
+    try:
+        open_object_store(config.object_store).put_json(key, {"message": reason[-2000:]})
+    except Exception:
+        log.exception("could not record the merge's failure at %s", key)
 
 
 if __name__ == "__main__":

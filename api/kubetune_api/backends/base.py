@@ -61,7 +61,7 @@ class JobBackend(ABC):
     """Storage of FineTuneJobs for the API."""
 
     # Whether this backend's job driver merges LoRA models into their base on request (the
-    # merge annotations): local mode's does; the operator does not yet.
+    # merge annotations): local mode's and the operator do.
     merges_models: bool = False
 
     @abstractmethod

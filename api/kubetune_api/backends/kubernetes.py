@@ -55,6 +55,8 @@ def claim_name(label: str) -> str:
 class KubernetesJobBackend(JobBackend):
     """FineTuneJobs in one namespace, through the Kubernetes API."""
 
+    merges_models = True  # the operator runs kubetune_trainer.merge as a Job
+
     def __init__(self, api_client: Any, namespace: str, *, use_cache: bool = True) -> None:
         from kubernetes import client
 
