@@ -85,6 +85,9 @@ def chat(vllm: VllmServer, model: str) -> str:
 
 
 @pytest.mark.xdist_group("vllm")
+# Train, serve, then merge (a second trainer-image process): longer than the default 300 s
+# when the other worker trains beside it.
+@pytest.mark.timeout(600)
 def test_a_job_is_validated_queued_trained_succeeds_and_is_served(
     make_deployment: Callable[..., Deployment], vllm: VllmServer
 ) -> None:
