@@ -13,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from kubetune.base_models import BaseModelPhase
 from kubetune.finetunejob import (
     DNS_LABEL_PATTERN,
     SUFFIX_PATTERN,
@@ -22,6 +23,7 @@ from kubetune.finetunejob import (
     check_servable_targets,
 )
 from kubetune.ids import ID_PATTERNS, IdKind
+from kubetune.settings import BASE_MODEL_ID_PATTERN
 
 T = TypeVar("T")
 
@@ -522,6 +524,37 @@ class Model(Wire):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+class RegisteredModel(Model):
+    """A base model the org registered (a kubetune addition, ``POST /v1/models``): the model
+    object and what its check found. Only ``ready`` ones are listed and trainable.
+    """
+
+    status: BaseModelPhase
+    status_details: str | None = Field(description="Why the check failed.")
+    path: str
+    architecture: str | None
+    context_length: int | None = Field(description="Longest sequence it trains on.")
+
+
+class CreateBaseModelRequest(BaseModel):
+    """``POST /v1/models`` (a kubetune addition): a Hugging Face model folder registered as a
+    base model of the org (admin keys), checked before it is listed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=BASE_MODEL_ID_PATTERN,
+        description="Its name in requests: letters, digits, '.', '_', '-', '/'; up to 256.",
+    )
+    path: str = Field(
+        min_length=1, max_length=1024, description="The model's folder, an absolute path."
+    )
+    context_length: int | None = Field(
+        default=None, ge=16, le=1_048_576, description="Longest sequence (default: the model's)."
+    )
 
 
 class ModelContentFormat(StrEnum):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Final
+from urllib.parse import quote
 
+import openai
 import typer
 
 from kubetune_cli.context import connection
 from kubetune_cli.download import download_model
-from kubetune_cli.output import Column, as_dict, print_json, show_list, stdout, timestamp
+from kubetune_cli.errors import ExitCode, fail, stderr
+from kubetune_cli.output import (
+    Column,
+    as_dict,
+    print_json,
+    show_list,
+    stdout,
+    timestamp,
+)
 
 app = typer.Typer(help="List, download and delete models.", no_args_is_help=True)
 
@@ -21,6 +32,9 @@ class WeightsFormat(StrEnum):
     ADAPTER = "adapter"
     MERGED = "merged"
 
+
+# How long ``models add`` waits for the check (a large model's tokenizer takes a while to load).
+CHECK_WAIT_SECONDS: Final = 600
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -38,13 +52,66 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     show_list(models, MODEL_COLUMNS, as_json=as_json, title="Models")
 
 
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    folder: Annotated[
+        Path, typer.Argument(help="A Hugging Face model folder (config, weights, tokenizer).")
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Its name in requests (default: the folder's).")
+    ] = None,
+    context_length: Annotated[
+        int | None,
+        typer.Option("--context-length", min=16, help="Longest sequence (default: the model's)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the server's check, with a spinner.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a model folder as a base model of your org (admin key): the server checks it,
+    then lists it, trains on it and serves its fine-tuned models where a vLLM serves it.
+    """
+    folder = folder.expanduser().resolve()
+    client = connection(ctx).client()
+    body = {"id": name or folder.name, "path": str(folder), "context_length": context_length}
+    model = register_base_model(client, {k: v for k, v in body.items() if v is not None}, wait)
+    if as_json:
+        print_json(model)
+    elif model["status"] == "failed":
+        fail(f"{model['id']} is not usable: {model['status_details']}", ExitCode.API_ERROR)
+    else:
+        length = f", {model['context_length']} tokens" if model.get("context_length") else ""
+        arch = f" ({model['architecture']}{length})" if model.get("architecture") else ""
+        stdout.print(f"Base model {model['id']}{arch}: {model['status']}")
+
+
+def register_base_model(client: openai.OpenAI, body: dict[str, Any], wait: bool) -> Any:
+    """``POST /v1/models``, then (with ``wait``) the model until its check is over."""
+    model: Any = client.post("/models", body=body, cast_to=object)
+    started = time.monotonic()
+    path = f"/models/{quote(model['id'], safe=':')}"
+    with stderr.status(f"Checking {model['id']}...") as spinner:
+        while wait and model["status"] == "validating":
+            if time.monotonic() - started > CHECK_WAIT_SECONDS:
+                stderr.print(f"Still checking after {CHECK_WAIT_SECONDS}s; see `models get`.")
+                break
+            time.sleep(1.0)
+            model = client.get(path, cast_to=object)
+            spinner.update(f"Checking {model['id']} ({int(time.monotonic() - started)}s)...")
+    return model
+
+
 @app.command("rm")
 def remove(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(help="A fine-tuned model (ft:…).")],
+    model_id: Annotated[
+        str, typer.Argument(help="A fine-tuned model (ft:…), or a base model you added.")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete a fine-tuned model; it is unloaded from serving everywhere."""
+    """Delete a fine-tuned model (it is unloaded from serving everywhere), or forget a base
+    model added with ``models add`` (admin key; its fine-tuned models stay).
+    """
     deleted = connection(ctx).client().models.delete(model_id)
     if as_json:
         print_json(as_dict(deleted))

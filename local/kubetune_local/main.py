@@ -44,6 +44,7 @@ from kubetune.settings import BASE_MODEL_ID_PATTERN, BaseModelEntry, Mode, Setti
 from kubetune_api.app import build_services, create_app
 from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
 from kubetune_api.backends.local import LocalJobBackend
+from kubetune_local.base_models import INSPECT_MODULE, VLLM_ARCHITECTURES
 from kubetune_local.process import (
     ChildProcess,
     DataDirInUse,
@@ -70,17 +71,10 @@ KEYS_FILE: Final = "api_keys.json"
 VLLM_READY_TIMEOUT: Final = 300.0
 VLLM_STOP_GRACE: Final = 20.0
 LOCAL_ORG: Final = "local"
-# Run as a child: local mode never imports transformers (kubetune_trainer.inspect_model does).
-INSPECT_MODULE: Final = "kubetune_trainer.inspect_model"
 # A model of your own is trained and served on sequences up to this long (or its context, if
 # shorter): enough for chat fine-tuning, and a KV cache a workstation's CPU or GPU can hold.
 OWN_MODEL_MAX_LEN: Final = 2048
 OWN_MODEL_CPU_KV_CACHE: Final = "1G"
-# Asked of the vLLM venv's interpreter: the architectures this vLLM serves (about 12 s on a CPU).
-VLLM_ARCHITECTURES: Final = (
-    "import json, vllm; from vllm import ModelRegistry; "
-    "print(json.dumps([vllm.__version__, sorted(ModelRegistry.get_supported_archs())]))"
-)
 MODEL_NAME: Final = re.compile(BASE_MODEL_ID_PATTERN)
 
 

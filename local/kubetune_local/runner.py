@@ -13,8 +13,10 @@ import logging
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from kubetune.base_models import org_catalogue
 from kubetune.events import write_control_events
 from kubetune.finetunejob import (
     ANNOTATION_MODEL_DELETED,
@@ -24,6 +26,7 @@ from kubetune.finetunejob import (
 )
 from kubetune.settings import Settings
 from kubetune_api.backends.local import LocalJobBackend
+from kubetune_local.base_models import LocalBaseModelChecks
 from kubetune_local.merges import LocalMerges
 from kubetune_local.runtime import LocalWorkload, SubprocessRuntime
 from kubetune_local.serving import LocalServing
@@ -32,6 +35,7 @@ from kubetune_runtime.driver import JobDriver, JobState, notice_event
 from kubetune_runtime.faults import Faults
 from kubetune_runtime.objectstore import ObjectStore
 from kubetune_runtime.reconcile import Notice, Transition
+from kubetune_runtime.vllm_launch import default_vllm_python
 from kubetune_runtime.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,12 @@ def local_serving(settings: Settings, store: ObjectStore) -> LocalServing:
     )
 
 
+def installed_vllm_python() -> Path | None:
+    """The vLLM venv's interpreter, when vLLM is installed."""
+    python = default_vllm_python()
+    return python if python.exists() else None
+
+
 class LocalRunner:
     """Runs local mode's jobs; :meth:`start` and :meth:`stop` follow the server's lifetime."""
 
@@ -130,6 +140,7 @@ class LocalRunner:
             serving=self.serving,
             sink=JobLog(store, settings),
             faults=Faults.from_env(),
+            catalogue=lambda org: org_catalogue(settings.models, backend.base_models(org), org),
         )
         self.merges = LocalMerges(
             backend,
@@ -138,6 +149,13 @@ class LocalRunner:
             settings.data_dir,
             python=self.runtime.python,
             host_env=self.runtime.host_env,
+        )
+        self.base_model_checks = LocalBaseModelChecks(
+            backend,
+            settings.data_dir,
+            python=self.runtime.python,
+            host_env=self.runtime.host_env,
+            vllm_python=installed_vllm_python,
         )
         self._states: dict[str, JobState] = {}
         self._serving_keys: dict[str, tuple[int, str | None]] = {}
@@ -169,6 +187,7 @@ class LocalRunner:
             thread.join()
         self.runtime.shutdown()
         self.merges.close()
+        self.base_model_checks.close()
         self._states.clear()
         self.serving.close()
 
@@ -189,7 +208,10 @@ class LocalRunner:
 
     # -- one sweep -----------------------------------------------------------------------------
     def run_once(self) -> None:
-        """Admit, pass over every unfinished job, reap, then serve."""
+        """Check a registered base model, admit, pass over every unfinished job, reap, then
+        serve.
+        """
+        self.base_model_checks.sync()
         self.runtime.admit()
         for job in by_resume_order(self.backend.scan(unfinished=True)):
             name = job.metadata.name

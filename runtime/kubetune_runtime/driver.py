@@ -36,7 +36,7 @@ from kubetune.finetunejob import (
     JobPhase,
 )
 from kubetune.lifecycle import is_terminal
-from kubetune.settings import Settings
+from kubetune.settings import BaseModelEntry, Settings
 from kubetune.storage_layout import StorageLayout
 from kubetune.trainer_config import TrainerConfig
 from kubetune_runtime.faults import Faults
@@ -283,6 +283,9 @@ class JobDriver(Generic[W]):
     metrics: TransitionMetrics | None = None
     faults: Faults = field(default_factory=Faults)
     clock: Callable[[], float] = time.monotonic
+    # The base models an org may train on, when more than the settings' catalogue (the models
+    # registered at run time, kubetune.base_models); None: the settings' catalogue.
+    catalogue: Callable[[str], list[BaseModelEntry]] | None = None
 
     @property
     def layout(self) -> StorageLayout:
@@ -331,11 +334,14 @@ class JobDriver(Generic[W]):
     # -- validating_files ----------------------------------------------------------------------
     def _resolve(self, job: FineTuneJob) -> TrainerConfig:
         defaults = self.runtime.trainer_defaults
+        settings = self.settings
+        if self.catalogue is not None:
+            settings = settings.model_copy(update={"models": self.catalogue(job.spec.org)})
         config = resolve_trainer_config(
             self.store,
             self.layout,
             job,
-            self.settings,
+            settings,
             image=defaults.image,
             metrics_port=defaults.metrics_port,
         )

@@ -144,6 +144,7 @@ _ROUTES: list[tuple[str, str, str]] = [
     ("GET", _JOB + r"/events", "ListFineTuningJobEventsResponse"),
     ("GET", _JOB + r"/checkpoints", "ListFineTuningJobCheckpointsResponse"),
     ("GET", r"/v1/models", "ListModelsResponse"),
+    ("POST", r"/v1/models", "Model"),  # kubetune: a registered base model, a Model and more
     ("GET", r"/v1/models/.+", "Model"),
     ("DELETE", r"/v1/models/.+", "DeleteModelResponse"),
     ("GET", r"/v1/organization/usage/fine_tuning", "UsageResponse"),

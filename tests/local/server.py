@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass, field
@@ -104,3 +105,11 @@ def processes_using(folder: Path) -> list[str]:
         if str(folder) in cmdline and state != "Z":
             found.append(f"{entry.name}: {cmdline}")
     return found
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A Hugging Face model folder at ``folder``: the tiny Llama, made as local mode makes it."""
+    subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.tiny_model", str(folder)], check=True, timeout=300
+    )
+    return folder

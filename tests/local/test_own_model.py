@@ -12,12 +12,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 
 from examples import demo
+from tests.cli.conftest import run_cli
 from tests.harness.paths import REPO_ROOT
-from tests.local.server import LocalServer
+from tests.local.server import LocalServer, tiny_model_folder
 
 pytestmark = pytest.mark.xdist_group("vllm")
 
@@ -28,11 +31,16 @@ JOB_TIMEOUT = 240.0
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Hugging Face model folder of the user's (the tiny Llama, made as local mode makes it)."""
-    folder = tmp_path_factory.mktemp("models") / "Llama-mine"
-    subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer.tiny_model", str(folder)], check=True, timeout=300
-    )
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "Llama-mine")
+
+
+def wait_for_job(client: Any, job: Any) -> Any:
+    """The job once it ended (or ``JOB_TIMEOUT`` passed)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while job.status not in demo.FINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +99,7 @@ def test_your_model_is_listed_fine_tuned_and_served_under_its_name(server: Local
     assert base.model == NAME
     # ...and a model fine-tuned from it is loaded on that vLLM and answers too.
     job = demo.create_job(client, demo.upload(client, demo.dataset()), n_epochs=1, model=NAME)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while job.status not in demo.FINAL and time.monotonic() < deadline:
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = wait_for_job(client, job)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model is not None
     assert job.fine_tuned_model.startswith(f"ft:{NAME}:local:pirate:")
@@ -102,3 +107,38 @@ def test_your_model_is_listed_fine_tuned_and_served_under_its_name(server: Local
         model=job.fine_tuned_model, messages=demo.chat(demo.QUESTION), max_tokens=4
     )
     assert tuned.model == job.fine_tuned_model
+
+
+def test_a_model_added_at_run_time_is_checked_listed_and_trained(
+    server: LocalServer, model_folder: Path, tmp_path: Path
+) -> None:
+    """``kubetune models add`` on the running server: checked (inspect_model, then the
+    installed vLLM's architectures), listed, trained on; its models answer where a vLLM serves
+    the base (the one local mode started with does not: a clear 400, not a hang).
+    """
+    added = tmp_path / "Llama-added"
+    shutil.copytree(model_folder, added)
+    url = ["--base-url", server.base_url, "--api-key", server.key, "--max-retries", "0"]
+    result = run_cli([*url, "models", "add", str(added), "--context-length", "256"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "Base model Llama-added (LlamaForCausalLM, 256 tokens): ready" in result.stdout
+
+    client = demo.connect(server.base_url, server.key)
+    assert "Llama-added" in {m.id for m in client.models.list()}
+    job = demo.create_job(
+        client, demo.upload(client, demo.dataset()), n_epochs=1, model="Llama-added"
+    )
+    job = wait_for_job(client, job)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model is not None
+    with pytest.raises(openai.BadRequestError, match="no inference server is configured"):
+        client.chat.completions.create(
+            model=job.fine_tuned_model, messages=demo.chat(demo.QUESTION), max_tokens=4
+        )
+
+    # An unusable folder is refused with the reason; nothing is listed.
+    result = run_cli([*url, "models", "add", str(tmp_path), "--name", "nothing"])
+    assert result.exit_code == 1
+    assert "has no config.json" in result.stderr
+    assert "nothing" not in {m.id for m in client.models.list()}
+    assert client.models.delete("Llama-added").deleted

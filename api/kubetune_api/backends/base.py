@@ -7,9 +7,11 @@ indistinguishable from one that does not exist.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from kubetune.base_models import RegisteredBaseModel
 from kubetune.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune_api.errors import Conflict
 
@@ -63,6 +65,9 @@ class JobBackend(ABC):
     # Whether this backend's job driver merges LoRA models into their base on request (the
     # merge annotations): local mode's and the operator do.
     merges_models: bool = False
+    # Whether base models can be registered at run time (kubetune.base_models): the backend
+    # keeps them and its job driver checks them.
+    registers_base_models: bool = False
 
     @abstractmethod
     def create(self, job: FineTuneJob, idempotency_key: str | None) -> tuple[FineTuneJob, bool]:
@@ -103,6 +108,23 @@ class JobBackend(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """Whether the backing store answers."""
+
+    # -- base models registered at run time (see registers_base_models) -----------------------
+    def base_models(self, org: str | None = None) -> builtins.list[RegisteredBaseModel]:
+        """The registered base models of ``org`` (None: every org's), by name."""
+        return []
+
+    def add_base_model(self, model: RegisteredBaseModel) -> bool:
+        """Register ``model``; False when its org has a model of that name already."""
+        raise NotImplementedError("this backend does not register base models")
+
+    def put_base_model(self, model: RegisteredBaseModel) -> None:
+        """Replace a registered model's record (its check's outcome); gone is fine."""
+        raise NotImplementedError("this backend does not register base models")
+
+    def delete_base_model(self, org: str, model_id: str) -> bool:
+        """Forget the org's registered model; False when there was none."""
+        raise NotImplementedError("this backend does not register base models")
 
     def close(self) -> None:  # noqa: B027 - a hook: most backends hold nothing to release
         """Release what the backend holds (threads, connections); called when the app stops."""

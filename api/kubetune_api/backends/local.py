@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from kubetune.base_models import RegisteredBaseModel
 from kubetune.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune_api.backends.base import JobBackend, JobPage, OrgUsage, same_request
@@ -28,6 +29,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_org_id ON jobs (org, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (org, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS base_models (
+    org TEXT NOT NULL,
+    id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    PRIMARY KEY (org, id)
+);
 """
 
 
@@ -35,6 +42,7 @@ class LocalJobBackend(JobBackend):
     """SQLite-backed job store; safe to share between threads."""
 
     merges_models = True  # local mode's job loop runs kubetune_trainer.merge
+    registers_base_models = True  # and checks the base models registered here
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,3 +175,37 @@ class LocalJobBackend(JobBackend):
         """See :meth:`JobBackend.ready`."""
         self._db.execute("SELECT 1").fetchone()
         return True
+
+    # -- registered base models ------------------------------------------------------------
+    def base_models(self, org: str | None = None) -> builtins.list[RegisteredBaseModel]:
+        """See :meth:`JobBackend.base_models`."""
+        query, args = "SELECT model FROM base_models", []
+        if org is not None:
+            query, args = query + " WHERE org = ?", [org]
+        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        return [RegisteredBaseModel.model_validate_json(r[0]) for r in rows]
+
+    def add_base_model(self, model: RegisteredBaseModel) -> bool:
+        """See :meth:`JobBackend.add_base_model`."""
+        try:
+            self._db.execute(
+                "INSERT INTO base_models (org, id, model) VALUES (?, ?, ?)",
+                (model.org, model.id, model.model_dump_json()),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def put_base_model(self, model: RegisteredBaseModel) -> None:
+        """See :meth:`JobBackend.put_base_model`."""
+        self._db.execute(
+            "UPDATE base_models SET model = ? WHERE org = ? AND id = ?",
+            (model.model_dump_json(), model.org, model.id),
+        )
+
+    def delete_base_model(self, org: str, model_id: str) -> bool:
+        """See :meth:`JobBackend.delete_base_model`."""
+        cursor = self._db.execute(
+            "DELETE FROM base_models WHERE org = ? AND id = ?", (org, model_id)
+        )
+        return cursor.rowcount > 0

@@ -10,10 +10,12 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from kubetune_api.deps import PrincipalDep, ServicesDep
 from kubetune_api.protocol import (
+    CreateBaseModelRequest,
     DeleteModelResponse,
     ListModelsResponse,
     Model,
     ModelContentFormat,
+    RegisteredModel,
 )
 from kubetune_api.routers.common import ERRORS, content_disposition
 
@@ -45,6 +47,14 @@ def list_models(principal: PrincipalDep, services: ServicesDep) -> ListModelsRes
     return services.models.list(principal)
 
 
+@router.post("", response_model=RegisteredModel, status_code=201, operation_id="registerBaseModel")
+def register_base_model(
+    principal: PrincipalDep, services: ServicesDep, body: CreateBaseModelRequest
+) -> RegisteredModel:
+    """Register a model folder as a base model of the org (admin keys): checked, then listed."""
+    return services.models.register(principal, body)
+
+
 @router.get(
     "/{model:path}/content",
     operation_id="downloadModel",
@@ -72,13 +82,15 @@ def download_model(
     )
 
 
-@router.get("/{model:model_id}", response_model=Model, operation_id="retrieveModel")
+@router.get(
+    "/{model:model_id}", response_model=RegisteredModel | Model, operation_id="retrieveModel"
+)
 def retrieve_model(principal: PrincipalDep, services: ServicesDep, model: str) -> Model:
-    """One model."""
+    """One model (or a registered base model, with its check's outcome)."""
     return services.models.retrieve(principal, model)
 
 
 @router.delete("/{model:model_id}", response_model=DeleteModelResponse, operation_id="deleteModel")
 def delete_model(principal: PrincipalDep, services: ServicesDep, model: str) -> DeleteModelResponse:
-    """Delete a fine-tuned model and unload it from serving."""
+    """Delete a fine-tuned model and unload it from serving, or forget a registered base model."""
     return services.models.delete(principal, model)

@@ -92,7 +92,7 @@ class InferenceService:
         return (await self._target(principal, model)).base
 
     async def _target(self, principal: Principal, model: str) -> Target:
-        if self.jobs.base_model(model) is not None:
+        if self.jobs.base_model(model, principal.org) is not None:
             return Target(model)
         if not model.startswith("ft:"):
             raise NotFound(

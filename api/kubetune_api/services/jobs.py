@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.base_models import org_catalogue
 from kubetune.events import JobEvent, page_newest_first, read_events, write_control_events
 from kubetune.files import FileMeta, FilePurpose
 from kubetune.finetunejob import (
@@ -84,9 +85,19 @@ class JobService:
         self._model_jobs: dict[tuple[str, str], str] = {}
 
     # -- helpers ---------------------------------------------------------------------------
-    def base_model(self, name: str) -> BaseModelEntry | None:
-        """The catalogue entry of a base model name."""
-        return self._catalogue.get(name)
+    def base_model(self, name: str, org: str | None = None) -> BaseModelEntry | None:
+        """The catalogue entry of a base model name; with ``org``, that org's ready
+        registered models count too (:mod:`kubetune.base_models`).
+        """
+        entry = self._catalogue.get(name)
+        if entry is None and org is not None and self.backend.registers_base_models:
+            entry = next((m for m in self.catalogue(org) if m.id == name), None)
+        return entry
+
+    def catalogue(self, org: str) -> list[BaseModelEntry]:
+        """The base models ``org`` may list and train on."""
+        registered = self.backend.base_models(org) if self.backend.registers_base_models else []
+        return org_catalogue(self.settings.models, registered, org)
 
     def _require(self, principal: Principal, job_id: str) -> FineTuneJob:
         job = self.backend.get(principal.org, job_id) if is_valid_id(job_id, IdKind.JOB) else None
@@ -108,7 +119,7 @@ class JobService:
         """
         if model.startswith("ft:"):
             return self._continued(principal, model)
-        return ModelChoice(self._catalogue_model(model))
+        return ModelChoice(self._catalogue_model(principal.org, model))
 
     def _continued(self, principal: Principal, model: str) -> ModelChoice:
         try:
@@ -123,14 +134,14 @@ class JobService:
                 code="model_not_supported",
             )
         return ModelChoice(
-            self._catalogue_model(base_of(model)),
+            self._catalogue_model(principal.org, base_of(model)),
             ContinueFrom(job=job.metadata.name, step=step),
             job.spec.adapter,
         )
 
-    def _catalogue_model(self, model: str) -> str:
-        if model not in self._catalogue:
-            available = ", ".join(sorted(self._catalogue)) or "none configured"
+    def _catalogue_model(self, org: str, model: str) -> str:
+        if self.base_model(model, org) is None:
+            available = ", ".join(sorted(m.id for m in self.catalogue(org))) or "none configured"
             raise InvalidRequest(
                 f"Model {model} is not available for fine-tuning. Available: {available}.",
                 param="model",
@@ -242,7 +253,7 @@ class JobService:
         if meta.tokens_model == base:
             tokens = meta.stats.get("n_tokens")
             return int(tokens) if tokens is not None else None
-        count = token_counter(self.base_model(base))
+        count = token_counter(self.base_model(base, principal.org))
         if count is None:
             return None
         _, chunks = self.files.content(principal, meta.id)

@@ -5,10 +5,13 @@ fine-tuned model or of one of its checkpoints as a download.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Final
 
+from kubetune.base_models import MAX_BASE_MODELS_PER_ORG, RegisteredBaseModel
 from kubetune.finetunejob import (
     MERGE_FAILED,
     MERGE_REPORTED,
@@ -21,20 +24,23 @@ from kubetune.finetunejob import (
 from kubetune.ids import id_timestamp
 from kubetune.storage_layout import MANIFEST_NAME
 from kubetune_api.archive import Member, archive_length, stream_archive
-from kubetune_api.auth import Principal
+from kubetune_api.auth import Principal, Role
 from kubetune_api.backends.base import ANNOTATION_MODEL_DELETED, JobBackend
 from kubetune_api.errors import (
     APIError,
+    Conflict,
     InvalidRequest,
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
 )
 from kubetune_api.protocol import (
+    CreateBaseModelRequest,
     DeleteModelResponse,
     ListModelsResponse,
     Model,
     ModelContentFormat,
+    RegisteredModel,
 )
 from kubetune_api.services.jobs import JobService
 
@@ -72,6 +78,27 @@ def _fine_tuned_model(job: FineTuneJob) -> Model:
     )
 
 
+def _registered_model(model: RegisteredBaseModel) -> RegisteredModel:
+    report = model.report
+    return RegisteredModel(
+        id=model.id,
+        created=model.created,
+        owned_by=model.org,
+        status=model.phase,
+        status_details=model.message,
+        path=model.path,
+        architecture=report.architecture if report else None,
+        context_length=min(report.context_length, model.context_length or report.context_length)
+        if report
+        else model.context_length,
+    )
+
+
+def _require_admin(principal: Principal, what: str) -> None:
+    if principal.role is not Role.ADMIN:
+        raise PermissionDenied(f"{what} needs an admin API key.", param="model")
+
+
 class ModelService:
     """What ``/v1/models`` shows and deletes."""
 
@@ -97,19 +124,26 @@ class ModelService:
             after = page.jobs[-1].metadata.name
 
     def list(self, principal: Principal) -> ListModelsResponse:
-        """Base models, then the org's fine-tuned models (newest first)."""
+        """Base models (the catalogue, then the org's ready registered ones), then the org's
+        fine-tuned models (newest first).
+        """
         base = [
             Model(id=m.id, created=m.created, owned_by=m.owned_by)
-            for m in self.jobs.settings.models
+            for m in self.jobs.catalogue(principal.org)
         ]
         tuned = [_fine_tuned_model(j) for j in self._fine_tuned_jobs(principal)]
         return ListModelsResponse(data=base + tuned)
 
     def retrieve(self, principal: Principal, model: str) -> Model:
-        """A base model or one of the org's fine-tuned models."""
+        """A base model, one the org registered (in any state), or one of the org's fine-tuned
+        models.
+        """
         entry = self.jobs.base_model(model)
         if entry is not None:
             return Model(id=entry.id, created=entry.created, owned_by=entry.owned_by)
+        registered = self._registered(principal, model)
+        if registered is not None:
+            return _registered_model(registered)
         job = self.jobs.find_fine_tuned(principal, model) if model.startswith("ft:") else None
         if job is None:
             raise NotFound(
@@ -117,10 +151,56 @@ class ModelService:
             )
         return _fine_tuned_model(job)
 
+    # -- registered base models --------------------------------------------------------------
+    def _registered(self, principal: Principal, model: str) -> RegisteredBaseModel | None:
+        if not self.backend.registers_base_models or model.startswith("ft:"):
+            return None
+        return next((m for m in self.backend.base_models(principal.org) if m.id == model), None)
+
+    def register(self, principal: Principal, req: CreateBaseModelRequest) -> RegisteredModel:
+        """Register a base model of the org (admin keys); the job driver checks it, and it is
+        listed and trainable once ``ready``.
+        """
+        _require_admin(principal, "Registering base models")
+        if not self.backend.registers_base_models:
+            raise InvalidRequest(
+                "This deployment takes base models from its catalogue only (the chart's "
+                "models); ask its administrators to add one.",
+                param="id",
+                code="not_supported",
+            )
+        if not PurePosixPath(req.path).is_absolute():
+            raise InvalidRequest(f"path must be an absolute folder, not {req.path!r}", param="path")
+        if self.jobs.base_model(req.id) is not None:
+            raise Conflict(f"'{req.id}' is a catalogue model already.", param="id")
+        if len(self.backend.base_models(principal.org)) >= MAX_BASE_MODELS_PER_ORG:
+            raise InvalidRequest(
+                f"An org may register at most {MAX_BASE_MODELS_PER_ORG} base models; delete "
+                "one first.",
+                param="id",
+                code="too_many_models",
+            )
+        model = RegisteredBaseModel(
+            id=req.id,
+            org=principal.org,
+            path=req.path,
+            context_length=req.context_length,
+            created=int(time.time()),
+        )
+        if not self.backend.add_base_model(model):
+            raise Conflict(f"The org has a base model named '{req.id}' already.", param="id")
+        return _registered_model(model)
+
     def delete(self, principal: Principal, model: str) -> DeleteModelResponse:
-        """Delete a fine-tuned model: it disappears and is unloaded from serving."""
+        """Delete a fine-tuned model (it disappears and is unloaded from serving), or forget a
+        base model the org registered (admin keys; its fine-tuned models stay).
+        """
         if self.jobs.base_model(model) is not None:
-            raise PermissionDenied("Base models cannot be deleted.", param="model")
+            raise PermissionDenied("Catalogue base models cannot be deleted.", param="model")
+        if self._registered(principal, model) is not None:
+            _require_admin(principal, "Deleting registered base models")
+            self.backend.delete_base_model(principal.org, model)
+            return DeleteModelResponse(id=model, deleted=True)
         job = self.jobs.find_fine_tuned(principal, model) if model.startswith("ft:") else None
         if job is None:
             raise NotFound(

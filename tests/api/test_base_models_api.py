@@ -1,0 +1,173 @@
+"""Base models registered at run time through ``POST /v1/models`` (the official SDK's generic
+``post``), on local mode's backend: admin keys only, checked before listed, the org's own.
+
+No job driver runs here: the test plays it, recording the check's outcome through the backend
+as local mode's checks do (tests/local/test_base_model_checks.py runs the real check). The
+Kubernetes backend takes base models from the chart's catalogue only and says so.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from kubetune.base_models import BaseModelPhase, BaseModelReport
+from tests.api.conftest import backend_of, chat_file
+from tests.harness.api import ADMIN, ApiServer, error_of
+
+
+def register(client: Any, **body: Any) -> Any:
+    return client.post("/models", body=body, cast_to=object)
+
+
+def play_check(api: ApiServer, org: str, model_id: str, phase: BaseModelPhase) -> None:
+    """Record a check's outcome, as local mode's checks do."""
+    backend = backend_of(api)
+    (model,) = [m for m in backend.base_models(org) if m.id == model_id]
+    report = BaseModelReport(
+        architecture="LlamaForCausalLM", model_type="llama", context_length=512
+    )
+    message = "the tokenizer does not load" if phase is BaseModelPhase.FAILED else None
+    backend.put_base_model(
+        model.model_copy(update={"phase": phase, "report": report, "message": message})
+    )
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path, tiny_tokenizer: Path) -> Path:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    shutil.copy(tiny_tokenizer, folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture
+def checked(local_api: ApiServer) -> Any:
+    yield local_api
+    assert local_api.schema_violations == []
+
+
+def test_an_admin_registers_a_model_that_is_listed_and_trainable_once_checked(
+    checked: ApiServer, model_folder: Path
+) -> None:
+    admin = checked.client(f"acme{ADMIN}")
+    member = checked.client("acme")
+    created = register(admin, id="acme-base", path=str(model_folder), context_length=256)
+    assert created["object"] == "model"
+    assert (created["id"], created["owned_by"], created["status"]) == (
+        "acme-base",
+        "acme",
+        "validating",
+    )
+
+    # Not listed, not trainable while it is checked; retrievable, with its state.
+    assert "acme-base" not in [m.id for m in member.models.list()]
+    assert member.models.retrieve("acme-base").model_extra["status"] == "validating"
+    file_id = member.files.create(
+        file=("t.jsonl", io.BytesIO(chat_file(10))), purpose="fine-tune"
+    ).id
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        member.fine_tuning.jobs.create(model="acme-base", training_file=file_id)
+    assert error_of(excinfo)["code"] == "model_not_available"
+
+    play_check(checked, "acme", "acme-base", BaseModelPhase.READY)
+    listed = {m.id: m for m in member.models.list()}
+    assert listed["acme-base"].owned_by == "acme"
+    assert "tiny-llama" in listed  # the catalogue stays first
+    got = member.models.retrieve("acme-base").model_extra
+    assert (got["status"], got["architecture"], got["context_length"]) == (
+        "ready",
+        "LlamaForCausalLM",
+        256,  # the registration's limit, under the model's 512
+    )
+    job = member.fine_tuning.jobs.create(model="acme-base", training_file=file_id)
+    assert job.model == "acme-base"
+    assert job.trained_tokens is None
+
+    # Forgotten by an admin (members may not); its jobs stay.
+    with pytest.raises(openai.PermissionDeniedError):
+        member.models.delete("acme-base")
+    assert admin.models.delete("acme-base").deleted is True
+    assert "acme-base" not in [m.id for m in member.models.list()]
+    assert member.fine_tuning.jobs.retrieve(job.id).model == "acme-base"
+
+
+def test_another_org_neither_sees_nor_trains_nor_deletes_it(
+    checked: ApiServer, model_folder: Path
+) -> None:
+    register(checked.client(f"acme{ADMIN}"), id="acme-private", path=str(model_folder))
+    play_check(checked, "acme", "acme-private", BaseModelPhase.READY)
+    other = checked.client(f"globex{ADMIN}")
+    assert "acme-private" not in [m.id for m in other.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        other.models.retrieve("acme-private")
+    with pytest.raises(openai.NotFoundError):
+        other.models.delete("acme-private")
+    file_id = other.files.create(
+        file=("t.jsonl", io.BytesIO(chat_file(10))), purpose="fine-tune"
+    ).id
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        other.fine_tuning.jobs.create(model="acme-private", training_file=file_id)
+    assert "acme-private" not in error_of(excinfo)["message"].split("Available:")[1]
+    # The same name is free for globex: models are the org's own.
+    assert register(other, id="acme-private", path=str(model_folder))["owned_by"] == "globex"
+    checked.client(f"acme{ADMIN}").models.delete("acme-private")
+    other.models.delete("acme-private")
+
+
+def test_a_failed_check_is_told_and_the_model_is_never_listed(
+    checked: ApiServer, model_folder: Path
+) -> None:
+    admin = checked.client(f"acme{ADMIN}")
+    register(admin, id="acme-broken", path=str(model_folder))
+    play_check(checked, "acme", "acme-broken", BaseModelPhase.FAILED)
+    got = admin.models.retrieve("acme-broken").model_extra
+    assert (got["status"], got["status_details"]) == ("failed", "the tokenizer does not load")
+    assert "acme-broken" not in [m.id for m in admin.models.list()]
+    admin.models.delete("acme-broken")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"id": "a:b", "path": "/models/x"}, 400, "id", None),  # ids sit inside ft:<base>:…
+        ({"id": "x", "path": "models/x"}, 400, "path", None),  # relative to what?
+        ({"id": "x", "path": "/m", "context_length": 8}, 400, "context_length", None),
+        ({"id": "x", "path": "/m", "weights": "url"}, 400, "weights", None),  # unknown field
+        ({"id": "tiny-llama", "path": "/m"}, 409, "id", None),  # the catalogue's
+    ],
+)
+def test_bad_registrations_are_refused_with_the_field_named(
+    checked: ApiServer, body: dict[str, Any], status: int, param: str, code: str | None
+) -> None:
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        register(checked.client(f"acme{ADMIN}"), **body)
+    assert excinfo.value.status_code == status
+    assert error_of(excinfo)["param"] == param
+
+
+def test_only_admins_register_and_twice_is_a_conflict(
+    checked: ApiServer, model_folder: Path
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError):
+        register(checked.client("acme"), id="acme-twice", path=str(model_folder))
+    admin = checked.client(f"acme{ADMIN}")
+    register(admin, id="acme-twice", path=str(model_folder))
+    with pytest.raises(openai.ConflictError) as excinfo:
+        register(admin, id="acme-twice", path=str(model_folder))
+    assert error_of(excinfo)["param"] == "id"
+    admin.models.delete("acme-twice")
+
+
+@pytest.mark.cluster
+def test_a_cluster_takes_base_models_from_its_catalogue_only(
+    kube_api_server: ApiServer, model_folder: Path
+) -> None:
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        register(kube_api_server.client(f"acme{ADMIN}"), id="x", path=str(model_folder))
+    assert error_of(excinfo)["code"] == "not_supported"
