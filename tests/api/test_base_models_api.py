@@ -85,6 +85,9 @@ def test_an_admin_registers_a_model_that_is_listed_and_trainable_once_checked(
         "LlamaForCausalLM",
         256,  # the registration's limit, under the model's 512
     )
+    with pytest.raises(openai.BadRequestError) as excinfo:  # its weights are the org's folder
+        member.get("/models/acme-base/content", cast_to=object)
+    assert error_of(excinfo)["code"] == "model_not_downloadable"
     job = member.fine_tuning.jobs.create(model="acme-base", training_file=file_id)
     assert job.model == "acme-base"
     assert job.trained_tokens is None

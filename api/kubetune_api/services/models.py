@@ -215,10 +215,11 @@ class ModelService:
         archive: the LoRA adapter (``adapter``), or the whole model (``merged``: what a full
         fine-tune trained). The optimizer state a checkpoint keeps for resuming is left out.
         """
-        if self.jobs.base_model(model) is not None:
+        if self.jobs.base_model(model, principal.org) is not None:
             raise InvalidRequest(
                 f"The model '{model}' is a base model: its weights come from where the "
-                "deployment's catalogue takes them, not from this API.",
+                "deployment's catalogue (or the org's registration) takes them, not from this "
+                "API.",
                 param="model",
                 code="model_not_downloadable",
             )
