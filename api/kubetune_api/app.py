@@ -25,7 +25,7 @@ from kubetune.settings import Mode, Settings
 from kubetune.version import __version__
 from kubetune_api.auth import ApiKeyEntry, KeyStore, Role, hash_key, new_api_key, write_private
 from kubetune_api.backends.base import JobBackend
-from kubetune_api.backends.local import LocalJobBackend
+from kubetune_api.backends.local import JOBS_DATABASE, LocalJobBackend
 from kubetune_api.deps import Services
 from kubetune_api.errors import (
     ServiceUnavailable,
@@ -59,7 +59,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 def _job_backend(settings: Settings) -> JobBackend:
     if settings.mode is Mode.LOCAL:
-        return LocalJobBackend(settings.data_dir / "jobs.sqlite3")
+        return LocalJobBackend(settings.data_dir / JOBS_DATABASE)
     from kubernetes import config
 
     from kubetune_api.backends.kubernetes import KubernetesJobBackend

@@ -109,7 +109,10 @@ def serve_command(
     ] = False,
     model: Annotated[
         Path | None,
-        typer.Option(help="Local mode: a Hugging Face model folder to fine-tune and serve."),
+        typer.Option(
+            help="Local mode: a Hugging Face model folder to fine-tune and serve, or the name "
+            "of one added with `models add`."
+        ),
     ] = None,
     model_name: Annotated[
         str | None, typer.Option(help="Local mode: --model's name (default: the folder's).")

@@ -40,10 +40,11 @@ from typing import Final
 
 import uvicorn
 
+from kubetune.base_models import BaseModelPhase
 from kubetune.settings import BASE_MODEL_ID_PATTERN, BaseModelEntry, Mode, Settings
 from kubetune_api.app import build_services, create_app
 from kubetune_api.auth import ApiKeyEntry, Role, hash_key, new_api_key, write_private
-from kubetune_api.backends.local import LocalJobBackend
+from kubetune_api.backends.local import JOBS_DATABASE, LocalJobBackend
 from kubetune_local.base_models import INSPECT_MODULE, VLLM_ARCHITECTURES
 from kubetune_local.process import (
     ChildProcess,
@@ -106,7 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         type=Path,
-        help="A Hugging Face model folder to fine-tune and serve beside tiny-llama.",
+        help="A Hugging Face model folder to fine-tune and serve beside tiny-llama, or the "
+        "name of one added with `kubetune models add` (served instead of tiny-llama).",
     )
     parser.add_argument("--model-name", help="Its name in requests (default: the folder's).")
     return parser.parse_args(argv)
@@ -351,6 +353,23 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
+def added_base_model(settings: Settings, name: Path) -> ServedBase | None:
+    """The serving of ``--model NAME`` when NAME is no folder but a base model added at run
+    time (``kubetune models add``) and found ready; None otherwise.
+    """
+    if name.exists() or not MODEL_NAME.match(str(name)):
+        return None
+    registry = LocalJobBackend(settings.data_dir / JOBS_DATABASE)
+    model = next((m for m in registry.base_models(LOCAL_ORG) if m.id == str(name)), None)
+    if model is None:
+        return None
+    if model.phase is not BaseModelPhase.READY:
+        raise UnusableModel(f"base model {name} is {model.phase.value}: {model.message or ''}")
+    length = min(model.entry().context_length, OWN_MODEL_MAX_LEN)
+    print(f"Base model {name}: added at run time, from {model.path} ({length} tokens)")
+    return ServedBase(model.id, Path(model.path), length, OWN_MODEL_CPU_KV_CACHE)
+
+
 def prepare(args: argparse.Namespace) -> tuple[Settings, ServedBase, str]:
     """The settings, the base model vLLM serves and the API key, made on first start."""
     settings = local_settings(args)
@@ -362,7 +381,10 @@ def prepare(args: argparse.Namespace) -> tuple[Settings, ServedBase, str]:
     model = ensure_base_model(settings.data_dir)
     ours = [catalogue_entry(model)]
     served = ServedBase(BASE_MODEL, model, CONTEXT_LENGTH)
-    if args.model is not None:
+    added = None if args.model is None else added_base_model(settings, args.model)
+    if added is not None:  # added at run time (kubetune models add): listed from the registry
+        served = added
+    elif args.model is not None:
         entry, served = own_base_model(args.model, args.model_name, servable=not args.no_vllm)
         ours.append(entry)
     names = {m.id for m in ours}

@@ -114,7 +114,8 @@ def test_a_model_added_at_run_time_is_checked_listed_and_trained(
 ) -> None:
     """``kubetune models add`` on the running server: checked (inspect_model, then the
     installed vLLM's architectures), listed, trained on; its models answer where a vLLM serves
-    the base (the one local mode started with does not: a clear 400, not a hang).
+    the base: not the one local mode started with (a clear 400, not a hang), but local mode
+    started on it (``--model NAME``).
     """
     added = tmp_path / "Llama-added"
     shutil.copytree(model_folder, added)
@@ -135,10 +136,31 @@ def test_a_model_added_at_run_time_is_checked_listed_and_trained(
         client.chat.completions.create(
             model=job.fine_tuned_model, messages=demo.chat(demo.QUESTION), max_tokens=4
         )
-
     # An unusable folder is refused with the reason; nothing is listed.
     result = run_cli([*url, "models", "add", str(tmp_path), "--name", "nothing"])
     assert result.exit_code == 1
     assert "has no config.json" in result.stderr
     assert "nothing" not in {m.id for m in client.models.list()}
+
+    # Started on it (`--model NAME`), local mode's vLLM serves it and its fine-tuned model.
+    server.stop()
+    server.extra_args = ["--model", "Llama-added"]
+    server.start()
+    assert "Base model Llama-added: added at run time" in server.log()
+    client = demo.connect(server.base_url, server.key)  # a new port
+    assert chat_when_served(client, job.fine_tuned_model).model == job.fine_tuned_model
     assert client.models.delete("Llama-added").deleted
+
+
+def chat_when_served(client: Any, model: str, timeout: float = 60) -> Any:
+    """A completion from ``model`` once the restarted server's first sync has loaded it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.chat.completions.create(
+                model=model, messages=demo.chat(demo.QUESTION), max_tokens=4
+            )
+        except openai.APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

@@ -18,6 +18,9 @@ from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune_api.backends.base import JobBackend, JobPage, OrgUsage, same_request
 from kubetune_api.errors import job_not_found
 
+# The database's file in local mode's data folder.
+JOBS_DATABASE = "jobs.sqlite3"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
