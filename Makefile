@@ -75,7 +75,9 @@ gpu-smoke: $(STAMP) ## The trainer's CUDA paths on one GPU, under 10 min (writes
 
 crds: $(STAMP) ## Regenerate the CRD YAML from the pydantic models
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+	$(PY) -m kubetune.crd basemodel > crds/basemodels.kubetune.io.yaml
 	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/finetunejobs.kubetune.io.yaml
+	cp crds/basemodels.kubetune.io.yaml charts/kubetune/crds/basemodels.kubetune.io.yaml
 	cp crds/kopf-peering.yaml charts/kubetune/crds/kopfpeerings.kopf.dev.yaml
 
 clean: ## Remove the virtualenv and caches kept in the repository

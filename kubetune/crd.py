@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
@@ -19,9 +20,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema, to_jsonable_python
 
+from kubetune import base_models
 from kubetune.finetunejob import (
     API_VERSION,
-    CRD_NAME,
     GROUP,
     KIND,
     PLURAL,
@@ -169,27 +170,89 @@ def _model_schema(model: type[Any], *, keep_defaults: bool) -> dict[str, Any]:
     return schema
 
 
-def build_crd() -> dict[str, Any]:
-    """Build the FineTuneJob CRD as a dict ready to dump or to send to the apiserver."""
-    spec_schema = _model_schema(FineTuneJobSpec, keep_defaults=True)
-    status_schema = _model_schema(FineTuneJobStatus, keep_defaults=False)
+@dataclass(frozen=True)
+class Kind:
+    """What one of our CRDs is: its names, its two halves, how kubectl shows it."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    description: str
+    printer_columns: list[dict[str, str]]
+    source: str  # the module it is generated from, for the header
+
+    @property
+    def crd_name(self) -> str:
+        """``<plural>.<group>``: the CRD's object name and file name."""
+        return f"{self.plural}.{GROUP}"
+
+
+FINETUNEJOB: Final = Kind(
+    kind=KIND,
+    plural=PLURAL,
+    singular=SINGULAR,
+    short_names=SHORT_NAMES,
+    spec=FineTuneJobSpec,
+    status=FineTuneJobStatus,
+    description=(
+        f"A fine-tuning job ({API_VERSION}): a base model, training data and a method in; a "
+        "trained adapter, served by vLLM, out. Created by the kubetune API or by kubectl apply; "
+        "only the operator writes its status."
+    ),
+    printer_columns=PRINTER_COLUMNS,
+    source="kubetune/finetunejob.py",
+)
+BASEMODEL: Final = Kind(
+    kind=base_models.KIND,
+    plural=base_models.PLURAL,
+    singular=base_models.SINGULAR,
+    short_names=("bm",),
+    spec=base_models.BaseModelSpec,
+    status=base_models.BaseModelStatus,
+    description=(
+        f"A base model an org registered at run time ({API_VERSION}): a Hugging Face folder on "
+        "a volume or in the object store. Created by the kubetune API (POST /v1/models); the "
+        "operator checks it with a Job and writes its status; once ready it is listed in the "
+        "org's /v1/models and trainable."
+    ),
+    printer_columns=[
+        {"name": "Org", "type": "string", "jsonPath": ".spec.org"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.id"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Architecture", "type": "string", "jsonPath": ".status.report.architecture"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+    source="kubetune/base_models.py",
+)
+KINDS: Final = {k.singular: k for k in (FINETUNEJOB, BASEMODEL)}
+
+
+def build_crd(kind: Kind = FINETUNEJOB) -> dict[str, Any]:
+    """Build a CRD (the FineTuneJob's by default) as a dict ready to dump or to send to the
+    apiserver.
+    """
+    spec_schema = _model_schema(kind.spec, keep_defaults=True)
+    status_schema = _model_schema(kind.status, keep_defaults=False)
     status_schema.pop("required", None)  # status is written piecemeal by the operator
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": CRD_NAME,
+            "name": kind.crd_name,
             "labels": {"app.kubernetes.io/part-of": "kubetune"},
         },
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "plural": kind.plural,
+                "singular": kind.singular,
+                "shortNames": list(kind.short_names),
                 "categories": ["kubetune"],
             },
             "versions": [
@@ -198,16 +261,11 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": kind.printer_columns,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": (
-                                f"A fine-tuning job ({API_VERSION}): a base model, training "
-                                "data and a method in; a trained adapter, served by vLLM, out. "
-                                "Created by the kubetune API or by kubectl apply; only the "
-                                "operator writes its status."
-                            ),
+                            "description": kind.description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
@@ -224,15 +282,16 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def render_crd_yaml() -> str:
-    """Render the CRD as the YAML committed under ``crds/``."""
-    header = "# Generated by `make crds` from kubetune/finetunejob.py. Do not edit by hand.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100, allow_unicode=True)
+def render_crd_yaml(kind: Kind = FINETUNEJOB) -> str:
+    """Render a CRD as the YAML committed under ``crds/``."""
+    header = f"# Generated by `make crds` from {kind.source}. Do not edit by hand.\n"
+    return header + yaml.safe_dump(build_crd(kind), sort_keys=False, width=100, allow_unicode=True)
 
 
-def main() -> None:
-    """Print the CRD YAML to standard output."""
-    sys.stdout.write(render_crd_yaml())
+def main(argv: list[str] | None = None) -> None:
+    """Print a CRD's YAML to standard output: ``finetunejob`` (the default) or ``basemodel``."""
+    args = sys.argv[1:] if argv is None else argv
+    sys.stdout.write(render_crd_yaml(KINDS[args[0] if args else FINETUNEJOB.singular]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ workload identity, read by boto3 itself.
 from __future__ import annotations
 
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -578,6 +578,39 @@ class ServingSettings(BaseModel):
     )
 
 
+class ModelRegistrySettings(BaseModel):
+    """Where the base models an org's admin registers at run time may be read from.
+
+    On a cluster a registered model's folder is read by trainer pods (and the check's), so a
+    tenant must not point them at another team's weights or at the image's own files: the
+    platform's administrators name the places. Local mode is one user's machine: any folder.
+    """
+
+    allowed_paths: list[str] = Field(
+        default_factory=list,
+        description="Folders (absolute, as mounted in trainer pods) and 'store:<prefix>' "
+        "object-store prefixes a registered model's path must lie under. Empty: registering "
+        "is off in cluster mode (local mode takes any folder of its machine).",
+    )
+    allowed_volume_claims: list[str] = Field(
+        default_factory=list,
+        description="PersistentVolumeClaims a registered model may name (mounted read-only at "
+        "its path). Empty: none.",
+    )
+
+    def path_allowed(self, path: str) -> bool:
+        """Whether ``path`` lies under one of the allowed folders or prefixes (on a segment
+        boundary; no ``..``).
+        """
+        if ".." in PurePosixPath(path.removeprefix("store:")).parts:
+            return False
+        for allowed in self.allowed_paths:
+            base = allowed.rstrip("/")
+            if path == base or path.startswith(base + "/"):
+                return True
+        return False
+
+
 class LocalSettings(BaseModel):
     """Local mode's job runner (``python -m kubetune_local``): trainers as subprocesses."""
 
@@ -612,6 +645,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     queueing: QueueingSettings = Field(default_factory=QueueingSettings)
+    model_registry: ModelRegistrySettings = Field(default_factory=ModelRegistrySettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     models: list[BaseModelEntry] = Field(
         default_factory=list, description="The base-model catalogue (JSON in KUBETUNE_MODELS)."

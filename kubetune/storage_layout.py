@@ -41,6 +41,7 @@ _UPLOAD_RE: Final = re.compile(ID_PATTERNS[IdKind.UPLOAD])
 _PART_RE: Final = re.compile(ID_PATTERNS[IdKind.PART])
 _WEBHOOK_ENDPOINT_RE: Final = re.compile(WEBHOOK_ENDPOINT_ID_PATTERN)
 _WEBHOOK_MESSAGE_RE: Final = re.compile(WEBHOOK_MESSAGE_ID_PATTERN)
+_OBJECT_NAME_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes name
 EVENT_CHUNK_DIGITS: Final = 10  # zero-padded so chunks list in order
 CHECKPOINT_DIGITS: Final = 10
 MANIFEST_NAME: Final = "manifest.json"
@@ -69,6 +70,14 @@ class StorageLayout:
     def org_prefix(self, org: str) -> str:
         """Folder of everything an org owns."""
         return f"{self._root()}orgs/{_check(org, _ORG_RE, 'org')}/"
+
+    def base_model_check_key(self, org: str, name: str) -> str:
+        """Key of what the check of a registered base model found (``name``: its BaseModel
+        object's): written by the check Job's pod, read by the operator.
+        """
+        return (
+            f"{self.org_prefix(org)}base-models/{_check(name, _OBJECT_NAME_RE, 'name')}/check.json"
+        )
 
     # Files -------------------------------------------------------------------------------
     def files_prefix(self, org: str) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from kubetune.base_models import BaseModelPhase
+from kubetune.base_models import BaseModelPhase, VolumeClaim
 from kubetune.finetunejob import (
     DNS_LABEL_PATTERN,
     SUFFIX_PATTERN,
@@ -534,6 +534,7 @@ class RegisteredModel(Model):
     status: BaseModelPhase
     status_details: str | None = Field(description="Why the check failed.")
     path: str
+    volume_claim: str | None = None
     architecture: str | None
     context_length: int | None = Field(description="Longest sequence it trains on.")
 
@@ -550,8 +551,12 @@ class CreateBaseModelRequest(BaseModel):
         description="Its name in requests: letters, digits, '.', '_', '-', '/'; up to 256.",
     )
     path: str = Field(
-        min_length=1, max_length=1024, description="The model's folder, an absolute path."
+        min_length=1,
+        max_length=1024,
+        description="The model's folder, an absolute path (on a cluster: as trainer pods see "
+        "it), or 'store:<prefix>' for a folder in the object store (cluster mode).",
     )
+    volume_claim: VolumeClaim | None = None
     context_length: int | None = Field(
         default=None, ge=16, le=1_048_576, description="Longest sequence (default: the model's)."
     )

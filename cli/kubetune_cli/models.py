@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Final
 from urllib.parse import quote
 
 import openai
 import typer
 
+from kubetune.trainer_config import STORE_SCHEME
 from kubetune_cli.context import connection
 from kubetune_cli.download import download_model
 from kubetune_cli.errors import ExitCode, fail, stderr
@@ -55,11 +56,20 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command("add")
 def add(
     ctx: typer.Context,
-    folder: Annotated[
-        Path, typer.Argument(help="A Hugging Face model folder (config, weights, tokenizer).")
+    location: Annotated[
+        str,
+        typer.Argument(
+            help="A Hugging Face model folder (config, weights, tokenizer): on this machine in "
+            "local mode; on a cluster, as trainer pods see it, or store:<prefix> for one in the "
+            "object store."
+        ),
     ],
     name: Annotated[
         str | None, typer.Option("--name", help="Its name in requests (default: the folder's).")
+    ] = None,
+    volume_claim: Annotated[
+        str | None,
+        typer.Option("--volume-claim", help="Cluster: the volume claim holding the folder."),
     ] = None,
     context_length: Annotated[
         int | None,
@@ -71,9 +81,14 @@ def add(
     """Register a model folder as a base model of your org (admin key): the server checks it,
     then lists it, trains on it and serves its fine-tuned models where a vLLM serves it.
     """
-    folder = folder.expanduser().resolve()
+    path = model_location(location)
     client = connection(ctx).client()
-    body = {"id": name or folder.name, "path": str(folder), "context_length": context_length}
+    body = {
+        "id": name or PurePosixPath(path.removeprefix(STORE_SCHEME)).name,
+        "path": path,
+        "volume_claim": volume_claim,
+        "context_length": context_length,
+    }
     model = register_base_model(client, {k: v for k, v in body.items() if v is not None}, wait)
     if as_json:
         print_json(model)
@@ -83,6 +98,16 @@ def add(
         length = f", {model['context_length']} tokens" if model.get("context_length") else ""
         arch = f" ({model['architecture']}{length})" if model.get("architecture") else ""
         stdout.print(f"Base model {model['id']}{arch}: {model['status']}")
+
+
+def model_location(location: str) -> str:
+    """The path the server is sent: a store folder as given, an absolute folder as given (on a
+    cluster it is the trainers', not this machine's), a relative one made absolute here.
+    """
+    if location.startswith(STORE_SCHEME):
+        return location
+    path = Path(location).expanduser()
+    return str(path if path.is_absolute() else path.resolve())
 
 
 def register_base_model(client: openai.OpenAI, body: dict[str, Any], wait: bool) -> Any:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from kubetune.base_models import BaseModelPhase, BaseModelReport, RegisteredBaseModel
+from kubetune.base_models import BaseModelPhase, RegisteredBaseModel, failed, inspected
 from kubetune_api.backends.local import LocalJobBackend
 from kubetune_local.policy import HOST_ENV
 from kubetune_local.process import ChildProcess, children_registry
@@ -54,15 +54,6 @@ def last_json(text: str) -> Any:
     return None
 
 
-def inspected(model: RegisteredBaseModel, answer: Any, code: int) -> RegisteredBaseModel:
-    """``model`` with what ``inspect_model`` answered: its report, or failed with the reason."""
-    if code == 0 and isinstance(answer, dict) and "architecture" in answer:
-        report = BaseModelReport.model_validate(answer)
-        return model.model_copy(update={"report": report})
-    reason = answer.get("error") if isinstance(answer, dict) else None
-    return failed(model, str(reason or f"the check of {model.path} crashed (exit {code})"))
-
-
 def vllm_verdict(
     model: RegisteredBaseModel, version: str, served: list[str]
 ) -> RegisteredBaseModel:
@@ -75,11 +66,6 @@ def vllm_verdict(
         f"vLLM {version} does not serve {model.report.architecture}, so its fine-tuned models "
         "could not answer (see vLLM's supported models)",
     )
-
-
-def failed(model: RegisteredBaseModel, reason: str) -> RegisteredBaseModel:
-    """``model`` failed for ``reason``."""
-    return model.model_copy(update={"phase": BaseModelPhase.FAILED, "message": reason[-4000:]})
 
 
 @dataclass
@@ -172,7 +158,7 @@ class LocalBaseModelChecks:
 
     def _record(self, model: RegisteredBaseModel) -> None:
         # Deleted (or deleted and registered anew) while it was checked: not this check's.
-        current = next((m for m in self.backend.base_models(model.org) if m.id == model.id), None)
+        current = self.backend.get_base_model(model.org, model.id)
         if current is None or (current.path, current.created) != (model.path, model.created):
             return
         self.backend.put_base_model(model)

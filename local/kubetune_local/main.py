@@ -360,7 +360,7 @@ def added_base_model(settings: Settings, name: Path) -> ServedBase | None:
     if name.exists() or not MODEL_NAME.match(str(name)):
         return None
     registry = LocalJobBackend(settings.data_dir / JOBS_DATABASE)
-    model = next((m for m in registry.base_models(LOCAL_ORG) if m.id == str(name)), None)
+    model = registry.get_base_model(LOCAL_ORG, str(name))
     if model is None:
         return None
     if model.phase is not BaseModelPhase.READY:

@@ -10,9 +10,11 @@ from typing import Final, cast
 
 import kopf
 
+from kubetune.base_models import from_manifest, org_catalogue
 from kubetune.finetunejob import FineTuneJob
-from kubetune.settings import Settings, WorkloadKind
+from kubetune.settings import BaseModelEntry, Settings, WorkloadKind
 from kubetune.storage_layout import StorageLayout
+from kubetune_operator.base_model_checks import ClusterBaseModelChecks
 from kubetune_operator.kube import KubeClient, KubeJobStore
 from kubetune_operator.merges import ClusterMerges
 from kubetune_operator.metrics import OperatorMetrics
@@ -90,6 +92,7 @@ class OperatorContext:
         self.merges = ClusterMerges(
             self.kube, self.store, self.settings.object_store.layout(), opts
         )
+        self.base_model_checks = ClusterBaseModelChecks(self.kube, self.store, self.settings)
         self.driver: JobDriver[WorkloadView] = JobDriver(
             settings=self.settings,
             store=self.store,
@@ -102,7 +105,16 @@ class OperatorContext:
             sink=KubernetesEvents(),
             metrics=self.metrics,
             faults=self.faults,
+            catalogue=self.catalogue,
         )
+
+    def catalogue(self, org: str) -> list[BaseModelEntry]:
+        """The base models ``org`` may train on: the settings' catalogue, then its ready
+        BaseModel objects (read when a job is resolved: rare, and never a stale cache).
+        """
+        namespace = self.settings.kubernetes.namespace
+        registered = [from_manifest(o) for o in self.kube.list_base_models(namespace, org)]
+        return org_catalogue(self.settings.models, registered, org)
 
     @property
     def layout(self) -> StorageLayout:

@@ -39,6 +39,7 @@ from kubetune.finetunejob import (
     Resources,
 )
 from kubetune.lifecycle import WORKER_PHASES, is_terminal
+from kubetune_operator.base_model_handlers import register_base_model_checks
 from kubetune_operator.context import OperatorContext
 from kubetune_operator.kueue import KUEUE_WORKLOAD, Admission, admission, owner_name
 from kubetune_operator.loops import ChangePoller, Wait, failure_logger, on_active_peer
@@ -100,6 +101,7 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         register_webhook_sender(registry, ctx)
     register_serving(registry, ctx)
     register_merges(registry, ctx)
+    register_base_model_checks(registry, ctx)
 
 
 def _register_process(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Final, cast
 
 import kopf
 
-from kubetune.finetunejob import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune import base_models
+from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJob
 from kubetune_runtime.driver import StatusConflict
 
 GC_WAIT_SECONDS: Final = 10.0
@@ -130,6 +131,43 @@ class KubeClient:
         """Every FineTuneJob in ``namespace`` (one LIST; for sweeps at startup)."""
         result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
         return list(result.get("items") or [])
+
+    # -- registered base models (BaseModel objects) ------------------------------------------
+    def list_base_models(self, namespace: str, org: str) -> list[dict[str, Any]]:
+        """The org's BaseModel objects (by label; the caller checks ``spec.org``)."""
+        result = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, base_models.PLURAL, label_selector=f"{LABEL_ORG}={org}"
+        )
+        return list(result.get("items") or [])
+
+    def get_base_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One BaseModel object, or None when it is gone."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            result: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, base_models.PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            _retry_on_server_errors(exc, f"reading BaseModel {name}")
+            raise
+        return result
+
+    def patch_base_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Write a BaseModel object's status (gone is fine: it was deleted meanwhile)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, base_models.PLURAL, name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            _retry_on_server_errors(exc, f"writing the status of BaseModel {name}")
+            raise
 
     # -- children ----------------------------------------------------------------------------
     def _ensure(

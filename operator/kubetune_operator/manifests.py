@@ -185,6 +185,26 @@ def overlay(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+def container_security() -> dict[str, Any]:
+    """A trainer-image container's security context (restricted Pod Security)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def pod_security() -> dict[str, Any]:
+    """A trainer-image pod's security context: the image's non-root user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def trainer_container(job: FineTuneJob, settings: OperatorSettings, name: str) -> dict[str, Any]:
     """The trainer container of a workload's pods (``name``: what its controller looks for)."""
     container: dict[str, Any] = {
@@ -198,11 +218,7 @@ def trainer_container(job: FineTuneJob, settings: OperatorSettings, name: str) -
             {"name": "HOME", "value": "/home/trainer"},
         ],
         "resources": resources(job, settings),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security(),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - a mount point in the pod
@@ -243,13 +259,7 @@ def pod_template(
     """
     spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(job)}},

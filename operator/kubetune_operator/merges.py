@@ -89,19 +89,24 @@ class MergeJobView:
     message: str = ""
 
 
+def batch_job_outcome(body: Mapping[str, Any], what: str) -> tuple[Outcome, str]:
+    """How a batch/v1 Job stands, from its ``Complete``/``Failed`` condition (its own), and
+    why it failed (``what`` names it in the message).
+    """
+    conditions = (body.get("status") or {}).get("conditions") or []
+    ended = {c.get("type"): c for c in conditions if c.get("status") == "True"}
+    if "Complete" in ended:
+        return "complete", ""
+    if "Failed" in ended:
+        failed = ended["Failed"]
+        return "failed", f"{what} failed ({failed.get('reason')}: {failed.get('message', '')})"
+    return "running", ""
+
+
 def merge_job_view(body: Mapping[str, Any]) -> MergeJobView:
     """A merge Job's outcome from its ``Complete``/``Failed`` condition (batch/v1's own)."""
     meta = body.get("metadata") or {}
-    conditions = (body.get("status") or {}).get("conditions") or []
-    ended = {c.get("type"): c for c in conditions if c.get("status") == "True"}
-    outcome: Outcome = "running"
-    message = ""
-    if "Complete" in ended:
-        outcome = "complete"
-    elif "Failed" in ended:
-        failed = ended["Failed"]
-        outcome = "failed"
-        message = f"the merge Job failed ({failed.get('reason')}: {failed.get('message', '')})"
+    outcome, message = batch_job_outcome(body, "the merge Job")
     labels = meta.get("labels") or {}
     return MergeJobView(str(meta.get("name")), str(labels.get(LABEL_JOB, "")), outcome, message)
 

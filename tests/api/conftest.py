@@ -6,6 +6,7 @@ The ``api`` fixture is parametrized, so every test using it runs against both ba
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from kubetune.settings import Settings
 from tests.harness.api import ApiServer, backend_env, start_api
 
+SHARED_CLAIM = "shared-models"  # the volume claim the Kubernetes API lets models name
 TOKENIZER_WORDS = [
     "the",
     "a",
@@ -175,6 +177,10 @@ def kube_api_server(
         kubeconfig=kube.kubeconfig,
         namespace=namespace,
     )
+    # Base models may be registered from this machine's temporary folders (the tests'), and
+    # name one volume claim.
+    env["KUBETUNE_MODEL_REGISTRY__ALLOWED_PATHS"] = json.dumps([tempfile.gettempdir()])
+    env["KUBETUNE_MODEL_REGISTRY__ALLOWED_VOLUME_CLAIMS"] = json.dumps([SHARED_CLAIM])
     server = start_api(data, env, "kubernetes")
     yield server
     server.stop()

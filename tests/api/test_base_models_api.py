@@ -1,15 +1,18 @@
 """Base models registered at run time through ``POST /v1/models`` (the official SDK's generic
-``post``), on local mode's backend: admin keys only, checked before listed, the org's own.
+``post``), on both backends (local mode's SQLite; BaseModel objects on the real apiserver):
+admin keys only, checked before listed, the org's own, and on a cluster only from the places
+the administrators allow.
 
 No job driver runs here: the test plays it, recording the check's outcome through the backend
-as local mode's checks do (tests/local/test_base_model_checks.py runs the real check). The
-Kubernetes backend takes base models from the chart's catalogue only and says so.
+as local mode's checks and the operator do (tests/local/test_base_model_checks.py and
+tests/operator/test_base_model_checks.py run the real checks).
 """
 
 from __future__ import annotations
 
 import io
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import openai
 import pytest
 
 from kubetune.base_models import BaseModelPhase, BaseModelReport
-from tests.api.conftest import backend_of, chat_file
+from tests.api.conftest import SHARED_CLAIM, backend_of, chat_file, settings_of
 from tests.harness.api import ADMIN, ApiServer, error_of
 
 
@@ -28,7 +31,8 @@ def register(client: Any, **body: Any) -> Any:
 def play_check(api: ApiServer, org: str, model_id: str, phase: BaseModelPhase) -> None:
     """Record a check's outcome, as local mode's checks do."""
     backend = backend_of(api)
-    (model,) = [m for m in backend.base_models(org) if m.id == model_id]
+    model = backend.get_base_model(org, model_id)
+    assert model is not None
     report = BaseModelReport(
         architecture="LlamaForCausalLM", model_type="llama", context_length=512
     )
@@ -47,9 +51,9 @@ def model_folder(tmp_path: Path, tiny_tokenizer: Path) -> Path:
 
 
 @pytest.fixture
-def checked(local_api: ApiServer) -> Any:
-    yield local_api
-    assert local_api.schema_violations == []
+def checked(api: ApiServer) -> ApiServer:
+    """The API on each backend (its responses checked against OpenAI's schema)."""
+    return api
 
 
 def test_an_admin_registers_a_model_that_is_listed_and_trainable_once_checked(
@@ -168,9 +172,75 @@ def test_only_admins_register_and_twice_is_a_conflict(
 
 
 @pytest.mark.cluster
-def test_a_cluster_takes_base_models_from_its_catalogue_only(
+def test_a_cluster_reads_models_only_from_where_its_administrators_allow(
     kube_api_server: ApiServer, model_folder: Path
 ) -> None:
-    with pytest.raises(openai.BadRequestError) as excinfo:
-        register(kube_api_server.client(f"acme{ADMIN}"), id="x", path=str(model_folder))
-    assert error_of(excinfo)["code"] == "not_supported"
+    admin = kube_api_server.client(f"acme{ADMIN}")
+    for body, param in [
+        ({"path": "/etc/secrets"}, "path"),
+        ({"path": f"{model_folder}/../../../etc"}, "path"),
+        ({"path": "store:orgs/globex/models/x"}, "path"),
+        ({"path": str(model_folder), "volume_claim": "globex-weights"}, "volume_claim"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            register(admin, id="acme-elsewhere", **body)
+        assert (error_of(excinfo)["param"], error_of(excinfo)["code"]) == (
+            param,
+            "path_not_allowed",
+        )
+    created = register(admin, id="acme-claimed", path=str(model_folder), volume_claim=SHARED_CLAIM)
+    assert (created["volume_claim"], created["status"]) == (SHARED_CLAIM, "validating")
+    # A BaseModel object the operator checks: the org's label, the registration as its spec.
+    (obj,) = [
+        o for o in kube_objects(kube_api_server, "basemodels") if o["spec"]["id"] == "acme-claimed"
+    ]
+    assert obj["metadata"]["labels"]["kubetune.io/org"] == "acme"
+    assert obj["spec"]["volumeClaim"] == SHARED_CLAIM
+    assert "status" not in obj
+    admin.models.delete("acme-claimed")
+    assert not [
+        o for o in kube_objects(kube_api_server, "basemodels") if o["spec"]["org"] == "acme"
+    ]
+
+
+@pytest.mark.cluster
+def test_the_cli_sends_a_clusters_folder_as_the_trainers_see_it(
+    kube_api_server: ApiServer,
+) -> None:
+    from tests.cli.conftest import global_args, run_cli, run_json
+
+    # Not a folder of this machine: `models add` sends it as it is, with the claim holding it.
+    folder = f"{tempfile.gettempdir()}/team-models/team-llama"
+    admin = global_args(kube_api_server, f"acme{ADMIN}")
+    added = run_json([*admin, "models", "add", folder, "--volume-claim", SHARED_CLAIM, "--no-wait"])
+    assert (added["id"], added["path"], added["volume_claim"], added["status"]) == (
+        "team-llama",
+        folder,
+        SHARED_CLAIM,
+        "validating",
+    )
+    result = run_cli([*admin, "models", "rm", "team-llama"])
+    assert result.exit_code == 0, result.output
+
+
+def test_local_mode_registers_folders_of_its_machine_only(local_api: ApiServer) -> None:
+    admin = local_api.client(f"acme{ADMIN}")
+    for body, param in [
+        ({"path": "store:models/x"}, "path"),
+        ({"path": "/models/x", "volume_claim": SHARED_CLAIM}, "volume_claim"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            register(admin, id="acme-cluster-only", **body)
+        assert error_of(excinfo)["param"] == param
+
+
+def kube_objects(server: ApiServer, plural: str) -> list[dict[str, Any]]:
+    """Every ``kubetune.io`` object of that kind in the API's namespace."""
+    from kubernetes import client, config
+
+    settings = settings_of(server)
+    api_client = config.new_client_from_config(config_file=str(settings.kubernetes.kubeconfig))
+    found: Any = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", settings.kubernetes.namespace, plural
+    )
+    return list(found["items"])

@@ -46,6 +46,13 @@ def test_the_api_may_only_create_and_flip_finetunejobs(docs: list[dict[str, Any]
             "resources": ["finetunejobs"],
             "verbs": ["get", "list", "watch", "create", "patch"],
         },
+        # Base models an org's admin registers: no watch, no patch (the status is the
+        # operator's), no update.
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["basemodels"],
+            "verbs": ["get", "list", "create", "delete"],
+        },
         # Idempotency-Key claims (no list or watch: the API reads a claim by its name only).
         {
             "apiGroups": ["coordination.k8s.io"],
@@ -81,9 +88,13 @@ def test_the_operator_touches_only_what_it_must(
     assert granted == {
         ("kubetune.io", "finetunejobs"): read | {"patch", "update"},
         ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
+        # Registered base models: read, and their check's outcome written, nothing else.
+        ("kubetune.io", "basemodels"): read,
+        ("kubetune.io", "basemodels/status"): {"get", "patch"},
         workload: read | {"create", "patch", "update", "delete"},
         ("", "configmaps"): read | {"create", "patch", "update", "delete"},
-        # The Jobs that merge a LoRA model for a download, deleted once they ended.
+        # The Jobs that merge a LoRA model for a download, or check a registered base model,
+        # deleted once they ended.
         ("batch", "jobs"): read | {"create", "patch", "delete"},
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
@@ -140,6 +151,9 @@ CAN_I: dict[str, list[tuple[str, str, tuple[str, ...], bool]]] = {
         ("update", "finetunejobs.kubetune.io", ("--subresource=status",), False),
         ("delete", "finetunejobs.kubetune.io", (), False),
         ("list", "finetunejobs.kubetune.io", ("-A",), False),
+        ("create", "basemodels.kubetune.io", (), True),
+        ("delete", "basemodels.kubetune.io", (), True),
+        ("patch", "basemodels.kubetune.io", ("--subresource=status",), False),
         ("create", "pytorchjobs.kubeflow.org", (), False),
         ("create", "trainjobs.trainer.kubeflow.org", (), False),
         ("get", "configmaps", (), False),
@@ -152,6 +166,8 @@ CAN_I: dict[str, list[tuple[str, str, tuple[str, ...], bool]]] = {
         ("watch", "finetunejobs.kubetune.io", (), True),
         ("create", "finetunejobs.kubetune.io", (), False),
         ("delete", "finetunejobs.kubetune.io", (), False),
+        ("patch", "basemodels.kubetune.io", ("--subresource=status",), True),
+        ("create", "basemodels.kubetune.io", (), False),
         ("create", "trainjobs.trainer.kubeflow.org", (), True),
         ("delete", "trainjobs.trainer.kubeflow.org", (), True),
         ("create", "pytorchjobs.kubeflow.org", (), False),  # trainer.controller is trainjob

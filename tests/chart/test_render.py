@@ -157,7 +157,11 @@ def test_the_chart_ships_the_crds_from_crds(helm_local: Tool) -> None:
     crds = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
     committed = [
         yaml.safe_load((REPO_ROOT / "crds" / name).read_text())
-        for name in ("finetunejobs.kubetune.io.yaml", "kopf-peering.yaml")
+        for name in (
+            "finetunejobs.kubetune.io.yaml",
+            "basemodels.kubetune.io.yaml",
+            "kopf-peering.yaml",
+        )
     ]
     assert sorted(crds, key=lambda c: c["metadata"]["name"]) == sorted(
         committed, key=lambda c: c["metadata"]["name"]

@@ -3,9 +3,10 @@
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import yaml
 
-from kubetune.crd import build_crd, render_crd_yaml
+from kubetune.crd import BASEMODEL, FINETUNEJOB, Kind, build_crd, render_crd_yaml
 from tests.harness.paths import REPO_ROOT
 
 CRD_PATH = REPO_ROOT / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -23,6 +24,40 @@ def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
 
 def root_schema() -> Any:
     return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("kind", [FINETUNEJOB, BASEMODEL], ids=lambda k: k.kind)
+def test_committed_crds_match_the_models_and_the_chart_ships_them(kind: Kind) -> None:
+    committed = REPO_ROOT / "crds" / f"{kind.crd_name}.yaml"
+    assert committed.read_text() == render_crd_yaml(kind), (
+        f"{committed.name} is stale: run `make crds` and commit the result"
+    )
+    chart_copy = REPO_ROOT / "charts" / "kubetune" / "crds" / committed.name
+    assert chart_copy.read_text() == committed.read_text(), "run `make crds`"
+
+
+def test_a_base_model_is_registered_by_the_api_and_checked_by_the_operator() -> None:
+    crd = build_crd(BASEMODEL)
+    assert crd["metadata"]["name"] == "basemodels.kubetune.io"
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}  # only the operator writes the status
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    assert schema["spec"]["required"] == ["org", "id", "path", "created"]
+    assert set(schema["spec"]["properties"]) == {
+        "org",
+        "id",
+        "path",
+        "volumeClaim",
+        "contextLength",
+        "created",
+    }
+    assert schema["status"]["properties"]["phase"]["enum"] == ["validating", "ready", "failed"]
+    assert "required" not in schema["status"]
+    assert [c["jsonPath"] for c in version["additionalPrinterColumns"]][:3] == [
+        ".spec.org",
+        ".spec.id",
+        ".status.phase",
+    ]
 
 
 def test_committed_crd_matches_the_models():

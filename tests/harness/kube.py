@@ -41,6 +41,7 @@ APISERVER = CACHE_BIN / "kube-apiserver"
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-kube-apiserver.sh"
 CRD_FILES = (
     REPO_ROOT / "crds" / "finetunejobs.kubetune.io.yaml",
+    REPO_ROOT / "crds" / "basemodels.kubetune.io.yaml",
     REFERENCE_DIR / "kubeflow.org_pytorchjobs.yaml",
 )
 ADMIN_USER = "kubetune-admin"

@@ -21,6 +21,7 @@ from kubetune.finetunejob import GROUP, LABEL_ORG, PLURAL, VERSION, FineTuneJobS
 from kubetune.ids import new_job_id
 from kubetune.lifecycle import TERMINAL_PHASES
 from kubetune.settings import ObjectStoreSettings
+from kubetune_operator.base_model_checks import CHECK_COMPONENT
 from kubetune_operator.merges import COMPONENT_LABEL, MERGE_COMPONENT
 from kubetune_runtime.objectstore import ObjectStore, S3ObjectStore
 from tests.chart.chart import CHART, parse_manifests
@@ -164,6 +165,7 @@ class Testbed:
     runtime: str = "pytorchjob"
     kueue: Kueue | None = None  # the Kueue stand-in, when the testbed has one
     merges: BatchJobs | None = None  # the Job controller's stand-in, for the merge Jobs
+    checks: BatchJobs | None = None  # and for the check Jobs of registered base models
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,8 @@ class Testbed:
         parts.append(f"fixture errors: {self.trainers.errors[-5:]}")
         if self.merges is not None:
             parts.append(f"merge Job errors: {self.merges.errors[-5:]}")
+        if self.checks is not None:
+            parts.append(f"check Job errors: {self.checks.errors[-5:]}")
         if self.kueue is not None:
             parts.append(f"kueue errors: {self.kueue.errors[-5:]}, flips: {self.kueue.flips}")
         parts.append(self.operator.logs())
@@ -431,6 +435,15 @@ def make_testbed(
             labels={COMPONENT_LABEL: MERGE_COMPONENT},
             poll=0.5,
         ).start()
+        # In the trainers' folder: one host, so both see the same volume claims.
+        checks = BatchJobs(
+            kube.api_client(),
+            namespace,
+            tmp_path / "pods",
+            node_env=NODE_ENV,
+            labels={COMPONENT_LABEL: CHECK_COMPONENT},
+            poll=0.5,
+        ).start()
         testbed = Testbed(
             namespace=namespace,
             store=S3ObjectStore(s3.bucket, client=s3.client(), internal_prefix=namespace),
@@ -442,6 +455,7 @@ def make_testbed(
             runtime=runtime,
             kueue=kueue,
             merges=merges,
+            checks=checks,
         )
         made.append(testbed)
         if start_operator:
@@ -452,8 +466,9 @@ def make_testbed(
     for testbed in made:
         testbed.operator.stop()
         testbed.trainers.stop()
-        if testbed.merges is not None:
-            testbed.merges.stop()
+        for jobs in (testbed.merges, testbed.checks):
+            if jobs is not None:
+                jobs.stop()
         if testbed.kueue is not None:
             testbed.kueue.stop()
 

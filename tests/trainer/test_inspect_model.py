@@ -107,3 +107,23 @@ def test_the_command_prints_json_either_way(tiny_model: Path, tmp_path: Path) ->
     code, said = run(tmp_path / "nowhere")
     assert code == 2
     assert "is not a folder" in str(said["error"])
+
+
+def test_a_store_folder_is_downloaded_then_checked_and_the_answer_left_in_the_store(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from kubetune.settings import ObjectStoreBackend, ObjectStoreSettings
+    from kubetune_runtime.objectstore import open_object_store
+    from kubetune_trainer.inspect_model import main
+
+    settings = ObjectStoreSettings(backend=ObjectStoreBackend.LOCAL, local_root=tmp_path / "s")
+    store = open_object_store(settings)
+    store.upload_dir(tiny_model, "models/tiny/")
+    args = ["--object-store", settings.model_dump_json(), "--report-key"]
+
+    assert main(["store:models/tiny", *args, "answers/ok.json"]) == 0
+    assert store.get_json("answers/ok.json")["architecture"] == "LlamaForCausalLM"
+    assert main(["store:models/absent", *args, "answers/no.json"]) == 2
+    assert store.get_json("answers/no.json") == {
+        "error": "nothing is stored under store:models/absent"
+    }

@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from transformers import AutoConfig, AutoTokenizer
+
+from kubetune.trainer_config import parse_model_location
+from kubetune_runtime.objectstore import ObjectStore, open_object_store
 
 WEIGHT_PATTERNS: Final = ("*.safetensors", "pytorch_model*.bin")
 # The first conversation a chat template must render (system turns are optional in some).
@@ -111,17 +115,49 @@ def inspect_folder(folder: Path) -> ModelReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the folder's report as JSON (exit 0), or why it is unusable (exit 2), on stdout."""
+    """Print the folder's report as JSON (exit 0), or why it is unusable (exit 2), on stdout;
+    with ``--report-key``, also leave that answer in the object store (a cluster's check Job:
+    the operator reads it there, as it reads a merge's).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", help="a folder, or store:<prefix> for one in the object store")
+    parser.add_argument("--report-key", help="object-store key the answer is written to")
+    parser.add_argument(
+        "--object-store", help="the store's settings as JSON (credentials from the environment)"
+    )
     args = parser.parse_args(argv)
+    store = _store(args.object_store) if args.object_store else None
     try:
-        report = inspect_folder(args.folder.expanduser().resolve())
+        report: dict[str, Any] = asdict(inspect_folder(_folder(args.folder, store)))
+        code = 0
     except UnusableModel as exc:
-        print(json.dumps({"error": str(exc)}))
-        return EXIT_UNUSABLE
-    print(json.dumps(asdict(report)))
-    return 0
+        report, code = {"error": str(exc)}, EXIT_UNUSABLE
+    print(json.dumps(report))
+    if args.report_key:
+        if store is None:
+            parser.error("--report-key needs --object-store")
+        store.put_json(args.report_key, report)
+    return code
+
+
+def _store(settings_json: str) -> ObjectStore:
+    from kubetune.settings import ObjectStoreSettings
+
+    return open_object_store(ObjectStoreSettings.model_validate_json(settings_json))
+
+
+def _folder(location: str, store: ObjectStore | None) -> Path:
+    """The folder to inspect: ``location`` itself, or a store folder downloaded to scratch."""
+    local, prefix = parse_model_location(location)
+    if prefix is None:
+        assert local is not None
+        return Path(local).expanduser().resolve()
+    if store is None:
+        raise UnusableModel(f"{location} is in the object store, and no store was given")
+    dest = Path(tempfile.mkdtemp(prefix="base-model-"))
+    if not store.download_prefix(prefix, dest):
+        raise UnusableModel(f"nothing is stored under {location}")
+    return dest
 
 
 if __name__ == "__main__":

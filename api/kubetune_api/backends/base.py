@@ -114,6 +114,10 @@ class JobBackend(ABC):
         """The registered base models of ``org`` (None: every org's), by name."""
         return []
 
+    def get_base_model(self, org: str, model_id: str) -> RegisteredBaseModel | None:
+        """The org's registered model of that name, or None."""
+        return next((m for m in self.base_models(org) if m.id == model_id), None)
+
     def add_base_model(self, model: RegisteredBaseModel) -> bool:
         """Register ``model``; False when its org has a model of that name already."""
         raise NotImplementedError("this backend does not register base models")

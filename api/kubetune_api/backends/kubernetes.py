@@ -8,11 +8,15 @@ both are checked, so a mislabelled object is still not shown to the wrong org).
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import hashlib
 import logging
 import time
 from typing import Any, Final
 
+from kubetune import base_models as bm
+from kubetune.base_models import RegisteredBaseModel
 from kubetune.finetunejob import (
     GROUP,
     LABEL_ORG,
@@ -56,6 +60,7 @@ class KubernetesJobBackend(JobBackend):
     """FineTuneJobs in one namespace, through the Kubernetes API."""
 
     merges_models = True  # the operator runs kubetune_trainer.merge as a Job
+    registers_base_models = True  # as BaseModel objects, which the operator checks with a Job
 
     def __init__(self, api_client: Any, namespace: str, *, use_cache: bool = True) -> None:
         from kubernetes import client
@@ -314,4 +319,73 @@ class KubernetesJobBackend(JobBackend):
     def ready(self) -> bool:
         """See :meth:`JobBackend.ready`."""
         self._call(self._version.get_code)
+        return True
+
+    # -- registered base models: BaseModel objects ---------------------------------------------
+    def _base_model_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(fn, GROUP, VERSION, self.namespace, bm.PLURAL, *args, **kwargs)
+
+    def _parse_base_model(self, obj: dict[str, Any], org: str | None) -> RegisteredBaseModel | None:
+        try:
+            model = bm.from_manifest(obj)
+        except ValueError:  # an object kubectl wrote by hand, wrongly: not one to list
+            log.warning("ignoring the malformed BaseModel %s", obj.get("metadata", {}).get("name"))
+            return None
+        return model if org is None or model.org == org else None
+
+    def base_models(self, org: str | None = None) -> builtins.list[RegisteredBaseModel]:
+        """See :meth:`JobBackend.base_models`."""
+        selector = f"{LABEL_ORG}={org}" if org is not None else None
+        found = self._base_model_call(
+            self._api.list_namespaced_custom_object, label_selector=selector
+        )
+        models = [self._parse_base_model(item, org) for item in found.get("items", [])]
+        return sorted((m for m in models if m is not None), key=lambda m: m.id)
+
+    def get_base_model(self, org: str, model_id: str) -> RegisteredBaseModel | None:
+        """See :meth:`JobBackend.get_base_model`."""
+        try:
+            obj = self._base_model_call(
+                self._api.get_namespaced_custom_object, bm.resource_name(org, model_id)
+            )
+        except NotFound:
+            return None
+        model = self._parse_base_model(obj, org)
+        return model if model is not None and model.id == model_id else None
+
+    def add_base_model(self, model: RegisteredBaseModel) -> bool:
+        """See :meth:`JobBackend.add_base_model`: the apiserver lets one create of the name
+        succeed, so two replicas registering the same name cannot both win.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        manifest = bm.to_manifest(model, self.namespace)
+        try:
+            self._base_model_call(self._api.create_namespaced_custom_object, manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def put_base_model(self, model: RegisteredBaseModel) -> None:
+        """See :meth:`JobBackend.put_base_model` (the operator's part on a cluster)."""
+        body = {"status": bm.status_of(model).to_wire()}
+        with contextlib.suppress(NotFound):
+            self._base_model_call(
+                self._api.patch_namespaced_custom_object_status,
+                bm.resource_name(model.org, model.id),
+                body,
+            )
+
+    def delete_base_model(self, org: str, model_id: str) -> bool:
+        """See :meth:`JobBackend.delete_base_model`; its check Job goes with it (owned)."""
+        if self.get_base_model(org, model_id) is None:
+            return False
+        try:
+            self._base_model_call(
+                self._api.delete_namespaced_custom_object, bm.resource_name(org, model_id)
+            )
+        except NotFound:
+            return False
         return True

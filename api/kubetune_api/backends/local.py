@@ -188,6 +188,13 @@ class LocalJobBackend(JobBackend):
         rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [RegisteredBaseModel.model_validate_json(r[0]) for r in rows]
 
+    def get_base_model(self, org: str, model_id: str) -> RegisteredBaseModel | None:
+        """See :meth:`JobBackend.get_base_model`."""
+        row = self._db.execute(
+            "SELECT model FROM base_models WHERE org = ? AND id = ?", (org, model_id)
+        ).fetchone()
+        return RegisteredBaseModel.model_validate_json(row[0]) if row else None
+
     def add_base_model(self, model: RegisteredBaseModel) -> bool:
         """See :meth:`JobBackend.add_base_model`."""
         try:

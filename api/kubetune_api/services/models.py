@@ -22,6 +22,7 @@ from kubetune.finetunejob import (
     merge_annotation,
 )
 from kubetune.ids import id_timestamp
+from kubetune.settings import Mode
 from kubetune.storage_layout import MANIFEST_NAME
 from kubetune_api.archive import Member, archive_length, stream_archive
 from kubetune_api.auth import Principal, Role
@@ -87,10 +88,9 @@ def _registered_model(model: RegisteredBaseModel) -> RegisteredModel:
         status=model.phase,
         status_details=model.message,
         path=model.path,
+        volume_claim=model.volume_claim,
         architecture=report.architecture if report else None,
-        context_length=min(report.context_length, model.context_length or report.context_length)
-        if report
-        else model.context_length,
+        context_length=model.effective_context_length,
     )
 
 
@@ -155,7 +155,7 @@ class ModelService:
     def _registered(self, principal: Principal, model: str) -> RegisteredBaseModel | None:
         if not self.backend.registers_base_models or model.startswith("ft:"):
             return None
-        return next((m for m in self.backend.base_models(principal.org) if m.id == model), None)
+        return self.backend.get_base_model(principal.org, model)
 
     def register(self, principal: Principal, req: CreateBaseModelRequest) -> RegisteredModel:
         """Register a base model of the org (admin keys); the job driver checks it, and it is
@@ -169,10 +169,9 @@ class ModelService:
                 param="id",
                 code="not_supported",
             )
-        if not PurePosixPath(req.path).is_absolute():
-            raise InvalidRequest(f"path must be an absolute folder, not {req.path!r}", param="path")
         if self.jobs.base_model(req.id) is not None:
             raise Conflict(f"'{req.id}' is a catalogue model already.", param="id")
+        self._check_location(req)
         if len(self.backend.base_models(principal.org)) >= MAX_BASE_MODELS_PER_ORG:
             raise InvalidRequest(
                 f"An org may register at most {MAX_BASE_MODELS_PER_ORG} base models; delete "
@@ -184,12 +183,44 @@ class ModelService:
             id=req.id,
             org=principal.org,
             path=req.path,
+            volume_claim=req.volume_claim,
             context_length=req.context_length,
             created=int(time.time()),
         )
         if not self.backend.add_base_model(model):
             raise Conflict(f"The org has a base model named '{req.id}' already.", param="id")
         return _registered_model(model)
+
+    def _check_location(self, req: CreateBaseModelRequest) -> None:
+        """A folder local mode can read; on a cluster, a place the administrators allowed
+        (``model_registry``): trainer pods read it with the platform's credentials.
+        """
+        store = req.path.startswith("store:")
+        if not store and not PurePosixPath(req.path).is_absolute():
+            raise InvalidRequest(f"path must be an absolute folder, not {req.path!r}", param="path")
+        if self.jobs.settings.mode is Mode.LOCAL:
+            if store or req.volume_claim is not None:
+                raise InvalidRequest(
+                    "Local mode registers a folder of this machine: no store: path, no "
+                    "volume_claim.",
+                    param="volume_claim" if req.volume_claim is not None else "path",
+                )
+            return
+        registry = self.jobs.settings.model_registry
+        if not registry.path_allowed(req.path):
+            raise InvalidRequest(
+                f"{req.path!r} is not under a folder this deployment's administrators allow "
+                f"models to be read from ({', '.join(registry.allowed_paths) or 'none yet'}).",
+                param="path",
+                code="path_not_allowed",
+            )
+        if req.volume_claim is not None and req.volume_claim not in registry.allowed_volume_claims:
+            raise InvalidRequest(
+                f"The volume claim {req.volume_claim!r} is not one this deployment's "
+                "administrators allow models to be read from.",
+                param="volume_claim",
+                code="path_not_allowed",
+            )
 
     def delete(self, principal: Principal, model: str) -> DeleteModelResponse:
         """Delete a fine-tuned model (it disappears and is unloaded from serving), or forget a

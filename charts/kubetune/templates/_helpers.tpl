@@ -159,7 +159,8 @@ the operator applies them. */}}
 {{- end -}}
 
 {{/* Admission and job limits (KUBETUNE_QUEUEING__*) and the tracking servers jobs may name
-(KUBETUNE_TRACKING__*): the API enforces them, the operator too. */}}
+(KUBETUNE_TRACKING__*) and where registered base models may be read from
+(KUBETUNE_MODEL_REGISTRY__*): the API enforces them, the operator too. */}}
 {{- define "kubetune.queueingEnv" -}}
 {{- with .Values.queueing }}
 - name: KUBETUNE_QUEUEING__KUEUE
@@ -189,6 +190,10 @@ the operator applies them. */}}
 {{- end }}
 - name: KUBETUNE_TRACKING__MLFLOW_TRACKING_URIS
   value: {{ toJson .Values.tracking.mlflowTrackingUris | quote }}
+- name: KUBETUNE_MODEL_REGISTRY__ALLOWED_PATHS
+  value: {{ toJson .Values.modelRegistry.allowedPaths | quote }}
+- name: KUBETUNE_MODEL_REGISTRY__ALLOWED_VOLUME_CLAIMS
+  value: {{ toJson .Values.modelRegistry.allowedVolumeClaims | quote }}
 {{- end -}}
 
 {{/* The base-model catalogue as the API reads it (KUBETUNE_MODELS, JSON). */}}
