@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, Self
@@ -606,6 +606,64 @@ class _DigestTable:
             index = (index + 1) & mask
 
 
+# Texts counted in one call of the tokenizer: its batch encoding runs in parallel in Rust, and
+# this many short texts keep that worth it while holding a few MB at most.
+TOKEN_BATCH_TEXTS: Final = 4096
+# Counts the tokens of each text of a batch (a tokenizer's batch encoding).
+TokenCounter = Callable[[list[str]], Sequence[int]]
+
+
+def per_text(count: Callable[[str], int]) -> TokenCounter:
+    """A :data:`TokenCounter` from a function counting one text (tests, simple counters)."""
+    return lambda texts: [count(t) for t in texts]
+
+
+class _TokenTally:
+    """The examples' token statistics, counted in batches: the texts of each example wait
+    until enough are held, then one batch call counts them all.
+    """
+
+    def __init__(self, count: TokenCounter) -> None:
+        self._count = count
+        self._texts: list[str] = []
+        self._learnt: list[bool] = []  # per text: learnt (a trained assistant message)
+        self._ends: list[int] = []  # per waiting example: the end of its texts
+        self.n_tokens = 0
+        self.n_learnt = 0
+        self.min_tokens: int | None = None
+        self.max_tokens: int | None = None
+
+    def add(self, text: str, *, learnt: bool) -> None:
+        """One text of the example being accepted."""
+        self._texts.append(text)
+        self._learnt.append(learnt)
+
+    def end_example(self) -> None:
+        """The example's texts are all added."""
+        self._ends.append(len(self._texts))
+        if len(self._texts) >= TOKEN_BATCH_TEXTS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count what waits and fold it into the statistics."""
+        if not self._ends:
+            return
+        counts = self._count(self._texts)
+        start = 0
+        for end in self._ends:
+            tokens = learnt = 0
+            for i in range(start, end):
+                tokens += counts[i]
+                if self._learnt[i]:
+                    learnt += counts[i]
+            self.n_tokens += tokens
+            self.n_learnt += learnt
+            self.min_tokens = tokens if self.min_tokens is None else min(self.min_tokens, tokens)
+            self.max_tokens = tokens if self.max_tokens is None else max(self.max_tokens, tokens)
+            start = end
+        self._texts, self._learnt, self._ends = [], [], []
+
+
 class JsonlValidator:
     """Validate a JSONL file fed in chunks of any size, in one pass and constant memory.
 
@@ -618,7 +676,7 @@ class JsonlValidator:
         self,
         *,
         expected: DatasetFormat | AbstractSet[DatasetFormat] | None = None,
-        count_tokens: Callable[[str], int] | None = None,
+        count_tokens: TokenCounter | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
         min_examples: int = MIN_EXAMPLES,
         max_errors: int = MAX_ERRORS,
@@ -629,7 +687,7 @@ class JsonlValidator:
         if expected is not None and not expected:
             raise ValueError("expected must name at least one format (or be None)")
         self._expected = frozenset(expected) if expected is not None else None
-        self._count = count_tokens
+        self._tally = _TokenTally(count_tokens) if count_tokens is not None else None
         self._max_line_bytes = max_line_bytes
         self._min_examples = min_examples
         self._max_errors = max_errors
@@ -648,10 +706,6 @@ class JsonlValidator:
         self._n_lines = 0  # non-blank lines
         self._n_examples = 0
         self._n_messages = 0
-        self._n_tokens = 0
-        self._n_assistant_tokens = 0
-        self._min_tokens: int | None = None
-        self._max_tokens: int | None = None
         self._digests = _DigestTable()
         self._n_duplicates = 0
         self._first_duplicate: int | None = None
@@ -833,17 +887,15 @@ class JsonlValidator:
             if self._first_duplicate is None:
                 self._first_duplicate = self._line_no
 
+        tally = self._tally
         if fmt is DatasetFormat.CHAT:
-            tokens, learnt = self._conversation(example["messages"], "messages", learn=True)
+            self._conversation(example["messages"], "messages", learn=True)
             self._n_messages += len(example["messages"])
         elif fmt is DatasetFormat.PREFERENCE:
             messages = example["input"]["messages"]
-            tokens, _ = self._conversation(messages, "input.messages", learn=False)
-            learnt = 0
+            self._conversation(messages, "input.messages", learn=False)
             for key in ("preferred_output", "non_preferred_output"):
-                t, a = self._conversation(example[key], key, learn=True)
-                tokens += t
-                learnt += a
+                self._conversation(example[key], key, learn=True)
             preferred, rejected = example["preferred_output"], example["non_preferred_output"]
             if [_message_text(m) for m in preferred] == [_message_text(m) for m in rejected]:
                 self._warn("preferred_output and non_preferred_output are identical")
@@ -851,26 +903,15 @@ class JsonlValidator:
         else:
             completion = example["completion"]
             self._check_reply(completion, "completion")
-            if self._count is None:
-                tokens = learnt = 0
-            else:
-                learnt = self._count(completion)
-                tokens = self._count(example["prompt"]) + learnt
+            if tally is not None:
+                tally.add(example["prompt"], learnt=False)
+                tally.add(completion, learnt=True)
+        if tally is not None:
+            tally.end_example()
 
-        if self._count is not None:
-            self._n_tokens += tokens
-            self._n_assistant_tokens += learnt
-            if self._min_tokens is None or tokens < self._min_tokens:
-                self._min_tokens = tokens
-            if self._max_tokens is None or tokens > self._max_tokens:
-                self._max_tokens = tokens
-
-    def _conversation(
-        self, messages: list[dict[str, Any]], where: str, *, learn: bool
-    ) -> tuple[int, int]:
-        """Warn about the learnt replies; return (tokens, learnt tokens) of the messages."""
-        count = self._count
-        tokens = learnt = 0
+    def _conversation(self, messages: list[dict[str, Any]], where: str, *, learn: bool) -> None:
+        """Warn about the learnt replies; hand the messages' texts to the token tally."""
+        tally = self._tally
         for i, message in enumerate(messages):
             content = message.get("content")
             trained = learn and message["role"] == "assistant" and message.get("weight") != 0
@@ -885,15 +926,12 @@ class JsonlValidator:
                         self._warn(
                             f"{where}[{i}].tool_calls[{j}].function.arguments is not valid JSON"
                         )
-            if count is None:
+            if tally is None:
                 continue
-            n = sum(count(t) for t in _texts(content))
+            for text in _texts(content):
+                tally.add(text, learnt=trained)
             for call in message.get("tool_calls") or ():
-                n += count(call["function"]["arguments"])
-            tokens += n
-            if trained:
-                learnt += n
-        return tokens, learnt
+                tally.add(call["function"]["arguments"], learnt=trained)
 
     def _check_reply(self, text: str, where: str) -> None:
         stripped = text.strip()
@@ -932,7 +970,9 @@ class JsonlValidator:
             )
 
     def _report(self) -> DatasetReport:
-        counting = self._count is not None
+        tally = self._tally
+        if tally is not None:
+            tally.flush()
         n_errors = len(self._file_errors) + self._n_line_errors
         return DatasetReport(
             format=self._format,
@@ -941,12 +981,12 @@ class JsonlValidator:
             sha256=self._sha.hexdigest(),
             n_examples=self._n_examples,
             n_messages=self._n_messages,
-            n_tokens=self._n_tokens if counting else None,
-            n_assistant_tokens=self._n_assistant_tokens if counting else None,
-            min_example_tokens=self._min_tokens,
-            max_example_tokens=self._max_tokens,
+            n_tokens=tally.n_tokens if tally else None,
+            n_assistant_tokens=tally.n_learnt if tally else None,
+            min_example_tokens=tally.min_tokens if tally else None,
+            max_example_tokens=tally.max_tokens if tally else None,
             mean_example_tokens=(
-                self._n_tokens / self._n_examples if counting and self._n_examples else None
+                tally.n_tokens / self._n_examples if tally and self._n_examples else None
             ),
             n_duplicates=self._n_duplicates,
             warnings=list(self._warnings),
@@ -972,7 +1012,7 @@ def validate_jsonl(
     chunks: Iterable[bytes],
     *,
     expected: DatasetFormat | AbstractSet[DatasetFormat] | None = None,
-    count_tokens: Callable[[str], int] | None = None,
+    count_tokens: TokenCounter | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
     min_examples: int = MIN_EXAMPLES,
     max_errors: int = MAX_ERRORS,
@@ -981,7 +1021,8 @@ def validate_jsonl(
     """Validate a fine-tuning JSONL file given as chunks of bytes (see ``JsonlValidator``).
 
     ``expected`` is the format (or formats, e.g. ``format_for_method(method)``) the job needs;
-    a file of another format gets a file-level error. ``count_tokens`` turns on token counts.
+    a file of another format gets a file-level error. ``count_tokens`` (a batch counter, see
+    :func:`per_text` for a one-text function) turns on token counts.
     """
     validator = JsonlValidator(
         expected=expected,

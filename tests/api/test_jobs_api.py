@@ -320,12 +320,12 @@ def test_cancel_pause_resume_and_conflicts(api, training_file):
 def test_token_counts_use_the_base_models_tokenizer(api, training_file, tiny_tokenizer):
     from tokenizers import Tokenizer
 
-    from kubetune_runtime.datasets import validate_jsonl
+    from kubetune_runtime.datasets import per_text, validate_jsonl
 
     tokenizer = Tokenizer.from_file(str(tiny_tokenizer))
     expected = validate_jsonl(
         [chat_file(10)],
-        count_tokens=lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids),
+        count_tokens=per_text(lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids)),
     ).n_tokens
     assert expected
     client = api.client()

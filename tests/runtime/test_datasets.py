@@ -12,6 +12,7 @@ from kubetune_runtime.datasets import (
     DIGEST_TABLE_BYTES,
     EXAMPLE_MODELS,
     MIB,
+    TOKEN_BATCH_TEXTS,
     ChatExample,
     ChatMessage,
     DatasetFormat,
@@ -23,6 +24,7 @@ from kubetune_runtime.datasets import (
     format_for_method,
     format_mismatch_message,
     parse_example,
+    per_text,
     validate_jsonl,
 )
 
@@ -365,7 +367,7 @@ def test_preference_outputs_must_be_assistant_messages_after_a_non_assistant_inp
 
 def test_a_valid_prompt_completion_file():
     examples = [{"prompt": f"Translate {i}:", "completion": f" Traduire {i}"} for i in range(10)]
-    report = validate(jsonl(examples), count_tokens=lambda s: len(s.split()))
+    report = validate(jsonl(examples), count_tokens=per_text(lambda s: len(s.split())))
     assert report.valid, report.errors
     assert report.format is DatasetFormat.PROMPT_COMPLETION
     assert report.n_messages == 0
@@ -547,7 +549,7 @@ def test_token_counting():
             {"role": "assistant", "content": "seven eight nine ten"},  # 4
         )
     ] + [chat({"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"})] * 9
-    report = validate(jsonl(examples), count_tokens=words)
+    report = validate(jsonl(examples), count_tokens=per_text(words))
     assert report.valid
     assert report.n_tokens == 12 + 9 * 3
     assert report.n_assistant_tokens == 4 + 9 * 1
@@ -558,14 +560,14 @@ def test_token_counting():
 
 def test_token_counting_of_preference_examples():
     examples = [preference_example(i) for i in range(10)]  # input 3, outputs 3 + 2 words
-    report = validate(jsonl(examples), count_tokens=lambda s: len(s.split()))
+    report = validate(jsonl(examples), count_tokens=per_text(lambda s: len(s.split())))
     assert report.n_tokens == 10 * 8
     assert report.n_assistant_tokens == 10 * 5
 
 
 def test_invalid_examples_do_not_count_in_statistics():
     data = with_line(12, 0, json.dumps(chat(USER)).encode())
-    report = validate(data, count_tokens=lambda s: len(s.split()))
+    report = validate(data, count_tokens=per_text(lambda s: len(s.split())))
     assert report.n_examples == 11
     assert report.n_messages == 33
     assert report.n_tokens == 11 * (5 + 3 + 3)
@@ -589,11 +591,11 @@ def _mixed_file():
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 1000])
 def test_chunk_boundaries_do_not_change_the_report(size):
     data = _mixed_file()
-    whole = validate(data, count_tokens=len, min_examples=12)
+    whole = validate(data, count_tokens=per_text(len), min_examples=12)
     assert [e.line for e in whole.errors] == [None, 4, 6]
     assert whole.n_duplicates == 1
     assert len(whole.warnings) == 2
-    chunked = validate_jsonl(_chunks_of(data, size), count_tokens=len, min_examples=12)
+    chunked = validate_jsonl(_chunks_of(data, size), count_tokens=per_text(len), min_examples=12)
     assert chunked == whole
 
 
@@ -647,7 +649,7 @@ def test_file_errors_come_before_line_errors_in_the_message():
 
 
 def test_the_report_round_trips_through_json():
-    report = validate(_mixed_file(), count_tokens=len)
+    report = validate(_mixed_file(), count_tokens=per_text(len))
     stored = json.loads(json.dumps(report.model_dump(mode="json")))
     assert stored["format"] == "chat"
     assert stored["errors"][0] == {
@@ -769,3 +771,32 @@ def test_duplicates_are_still_found_with_the_fixed_table():
     rows = [{"prompt": f"q{i % 7}", "completion": "a"} for i in range(70)]
     report = validate_jsonl([b"".join(json.dumps(r).encode() + b"\n" for r in rows)])
     assert report.n_duplicates == 63
+
+
+def test_tokens_are_counted_in_batches_with_every_example_told_apart():
+    # Examples of 1 + i % 7 words in the user turn and 2 + i % 5 in the reply, across more
+    # texts than one batch holds: the tally must split each batch back into its examples.
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(["w"] * (1 + i % 7))},
+                {"role": "assistant", "content": " ".join(["r"] * (2 + i % 5))},
+            ]
+        }
+        for i in range(TOKEN_BATCH_TEXTS + 1000)
+    ]
+    batches: list[int] = []
+
+    def count(texts: list[str]) -> list[int]:
+        batches.append(len(texts))
+        return [len(t.split()) for t in texts]
+
+    report = validate(jsonl(examples), count_tokens=count)
+    per_example = [(1 + i % 7) + (2 + i % 5) for i in range(len(examples))]
+    assert report.n_tokens == sum(per_example)
+    assert report.n_assistant_tokens == sum(2 + i % 5 for i in range(len(examples)))
+    assert (report.min_example_tokens, report.max_example_tokens) == (3, 13)
+    assert report.mean_example_tokens == pytest.approx(sum(per_example) / len(examples))
+    # Full batches as the examples come, then the rest when the report is made.
+    rest = 2 * len(examples) - 2 * TOKEN_BATCH_TEXTS
+    assert batches == [TOKEN_BATCH_TEXTS, TOKEN_BATCH_TEXTS, rest]
